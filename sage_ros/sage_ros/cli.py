@@ -1,0 +1,67 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``sage-ros`` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sage_ros.core.errors import SageError
+from sage_ros.params import check_overrides_known, load_params, parse_overrides
+
+
+def _add_param_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--config', type=Path, default=None, help='directory holding sage_ros.yaml (default: shipped config/)')
+    p.add_argument('-p', '--param', action='append', default=[], metavar='NAME:=VALUE',
+                   help='override a parameter, ROS style; NODE.NAME for one node (e.g. -p budget:=48 '
+                        '-p sage_cloud.weights:=/ckpt/deit_base.pth)')
+    p.add_argument('--weights', default=None,
+                   help='shorthand for -p weights:=VALUE on every node (a checkpoint, hub, or random)')
+
+
+def _params(args: argparse.Namespace) -> tuple[dict, dict]:
+    overrides = parse_overrides(args.param)
+    if args.weights is not None:
+        overrides.setdefault('weights', args.weights)
+    check_overrides_known(overrides, ('sage_edge', 'sage_cloud'), directory=args.config)
+    return (load_params('sage_edge', directory=args.config, overrides=overrides),
+            load_params('sage_cloud', directory=args.config, overrides=overrides))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sage_ros.demo import demo_images, run_demo
+
+    edge, cloud = _params(args)
+    run_demo(demo_images(args.images, args.limit), edge, cloud)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
+    sub = parser.add_subparsers(dest='command', required=True)
+    demo = sub.add_parser('demo', help='classify images end to end: edge, gate, SAGE, codec, server',
+                          description='Run the edge model, the min-entropy gate, patch selection, the codec '
+                                      'and the server model on real images and print every decision.')
+    demo.add_argument('images', nargs='?', type=Path, default=None,
+                      help="folder of images (labels from its or its parent's labels.csv); "
+                           "default: scikit-image's sample photographs")
+    demo.add_argument('--limit', type=int, default=0, help='at most this many images (0: all)')
+    _add_param_args(demo)
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (SageError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+        print(f'sage-ros {args.command}: error: {exc}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,230 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Vision transformers of the edge and the cloud, built with timm.
+
+The edge forward returns, from one pass, the softmax, the last layer's CLS-to-patch
+attention averaged over heads (computed explicitly: timm's fused attention never
+materialises the weights) and patch embeddings. The server forward runs the model on a
+subset of patch tokens only, each with its own position embedding, plus the prefix tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import timm
+import torch
+from timm.data import resolve_data_config
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from sage_ros.core.errors import WeightsError
+
+EmbeddingSource = Literal['final', 'input']
+
+WEIGHTS_HELP = (
+    'Set weights to a local checkpoint file (.pth/.pt/.bin from timm or the DeiT repository, or '
+    '.safetensors), to "hub" (timm downloads the pretrained weights from the Hugging Face hub; '
+    'needs network access; HF_HUB_OFFLINE=1 uses an already filled cache), to "hf-hub:ORG/NAME", '
+    'or to "random" / "random:SEED" for seeded random weights (tests and offline demos only: '
+    'their labels are meaningless).'
+)
+
+
+@dataclass
+class VitModel:
+    """A timm ViT in eval mode, with where its weights came from and its input config."""
+
+    model: VisionTransformer
+    name: str
+    weights: str
+    random_weights: bool
+    data_config: dict[str, Any] = field(repr=False)
+
+    @property
+    def mean(self) -> tuple[float, float, float]:
+        return tuple(self.data_config['mean'])  # type: ignore[return-value]
+
+    @property
+    def std(self) -> tuple[float, float, float]:
+        return tuple(self.data_config['std'])  # type: ignore[return-value]
+
+    @property
+    def input_size(self) -> int:
+        return int(self.data_config['input_size'][-1])
+
+    @property
+    def crop_pct(self) -> float:
+        return float(self.data_config['crop_pct'])
+
+    @property
+    def interpolation(self) -> str:
+        return str(self.data_config['interpolation'])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.model.patch_embed.patch_size[0])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    @property
+    def num_patches(self) -> int:
+        g = self.grid
+        return g[0] * g[1]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+
+def load_vit(name: str, weights: str, *, device: str = 'cpu', num_threads: int = 0) -> VitModel:
+    """Build timm model ``name`` and load ``weights`` (see :data:`WEIGHTS_HELP`).
+
+    Never falls back silently: weights that cannot be loaded raise :class:`WeightsError`.
+    """
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    if name not in timm.list_models():
+        raise WeightsError(f'unknown timm model {name!r}')
+    weights = str(weights).strip()
+    random_weights = weights == 'random' or weights.startswith('random:')
+    try:
+        if random_weights:
+            seed = int(weights.split(':', 1)[1]) if ':' in weights else 0
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = timm.create_model(name, pretrained=False)
+            source = f'random:{seed}'
+        elif weights == 'hub' or weights.startswith('hf-hub:'):
+            hub_name = weights if weights.startswith('hf-hub:') else name
+            model = timm.create_model(hub_name, pretrained=True)
+            source = weights if weights.startswith('hf-hub:') else f'hub:{name}'
+        elif weights:
+            path = Path(os.path.expanduser(weights))
+            if not path.is_file():
+                raise WeightsError(f'checkpoint file {str(path)!r} not found for {name}. {WEIGHTS_HELP}')
+            model = timm.create_model(name, pretrained=False)
+            timm.models.load_checkpoint(model, str(path), filter_fn=checkpoint_filter_fn)
+            source = str(path)
+        else:
+            raise WeightsError(f'no weights configured for {name}. {WEIGHTS_HELP}')
+    except WeightsError:
+        raise
+    except Exception as exc:  # timm/hub/torch raise many types; all mean "not loadable"
+        raise WeightsError(f'cannot load weights {weights!r} for {name}: {exc}. {WEIGHTS_HELP}') from exc
+    if not isinstance(model, VisionTransformer):
+        raise WeightsError(f'{name} is not a timm VisionTransformer')
+    model.eval().to(device)
+    return VitModel(model, name, source, random_weights, resolve_data_config({}, model=model))
+
+
+@dataclass(frozen=True)
+class EdgeOutput:
+    """What one edge forward pass yields for one frame."""
+
+    logits: np.ndarray
+    """(C,) class logits."""
+    probs: np.ndarray
+    """(C,) softmax."""
+    attention: np.ndarray
+    """(N,) last-layer CLS-to-patch attention averaged over heads; sums to the CLS row's patch mass."""
+    embeddings: np.ndarray
+    """(N, D) patch embeddings (final-layer tokens after the last norm, or the input embeddings)."""
+
+    def topk(self, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k class indices and probabilities, best first."""
+        idx = np.argsort(-self.probs, kind='stable')[:k]
+        return idx, self.probs[idx]
+
+
+def _last_block_with_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Block.forward`` written out, returning the attention weights too (eval mode)."""
+    attn_mod = block.attn
+    h = block.norm1(x)
+    b, n, _ = h.shape
+    qkv = attn_mod.qkv(h).reshape(b, n, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    weights = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, n, attn_mod.attn_dim)
+    out = attn_mod.norm(out)
+    if getattr(attn_mod, 'gate', None) is not None:
+        out = out * attn_mod.gate(h).sigmoid()
+    out = attn_mod.proj(out)
+    x = x + block.ls1(out)
+    x = x + block.ls2(block.mlp(block.norm2(x)))
+    return x, weights
+
+
+@torch.inference_mode()
+def edge_forward(
+    vit: VitModel, images: torch.Tensor, *, embedding_source: EmbeddingSource = 'final'
+) -> list[EdgeOutput]:
+    """One pass over a normalised (B, 3, H, W) batch (or one (3, H, W) image)."""
+    if embedding_source not in ('final', 'input'):
+        raise ValueError(f"embedding_source must be 'final' or 'input', got {embedding_source!r}")
+    m = vit.model
+    x = images.unsqueeze(0) if images.ndim == 3 else images
+    x = x.to(next(m.parameters()).device, torch.float32)
+    patch_tokens = m.patch_embed(x)
+    x = m.norm_pre(m.patch_drop(m._pos_embed(patch_tokens)))
+    for blk in m.blocks[:-1]:
+        x = blk(x)
+    x, weights = _last_block_with_attention(m.blocks[-1], x)
+    x = m.norm(x)
+    logits = m.forward_head(x)
+    p = m.num_prefix_tokens
+    attention = weights[:, :, 0, p:].mean(dim=1)
+    emb = x[:, p:] if embedding_source == 'final' else patch_tokens
+    logits_np = logits.float().cpu().numpy()
+    probs_np = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    att_np = attention.float().cpu().numpy()
+    emb_np = emb.float().cpu().numpy()
+    return [EdgeOutput(logits_np[i], probs_np[i], att_np[i], emb_np[i]) for i in range(logits_np.shape[0])]
+
+
+@torch.inference_mode()
+def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Logits of the model run on the given patches only.
+
+    ``patches`` are normalised pixels, (M, 3, P, P) or (B, M, 3, P, P); ``indices`` their
+    row-major grid positions, (M,) or (B, M). Each token gets its own position embedding;
+    the prefix (CLS) tokens are added as in the full forward. With all N patches in grid
+    order this equals the model's normal forward.
+    """
+    m = vit.model
+    single = patches.ndim == 4
+    if single:
+        patches, indices = patches.unsqueeze(0), indices.unsqueeze(0)
+    b, n_sel = patches.shape[:2]
+    device = next(m.parameters()).device
+    patches = patches.to(device, torch.float32)
+    idx = indices.to(device, torch.long)
+    if n_sel and (int(idx.min()) < 0 or int(idx.max()) >= vit.num_patches):
+        raise ValueError('patch index out of range')
+    # The patch embedding is a stride-P convolution: embedding each patch alone is exact.
+    tok = m.patch_embed.proj(patches.reshape(b * n_sel, *patches.shape[2:]))
+    tok = m.patch_embed.norm(tok.flatten(1).reshape(b, n_sel, -1))
+    p = m.num_prefix_tokens
+    pos = m.pos_embed
+    patch_pos = pos[:, p:] if not m.no_embed_class else pos
+    tok = tok + patch_pos[0][idx]
+    prefix = []
+    if m.cls_token is not None:
+        prefix.append(m.cls_token.expand(b, -1, -1))
+    if m.reg_token is not None:
+        prefix.append(m.reg_token.expand(b, -1, -1))
+    if prefix:
+        pre = torch.cat(prefix, dim=1)
+        if not m.no_embed_class:
+            pre = pre + pos[:, :p]
+        tok = torch.cat([pre, tok], dim=1)
+    x = m.norm_pre(tok)
+    x = m.blocks(x)
+    x = m.norm(x)
+    logits = m.forward_head(x)
+    return logits[0] if single else logits

@@ -1,0 +1,106 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Turning an uncertain edge frame into a request that fits its budget, and back on the cloud."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sage_ros.core.codec import decode_patches, encode_within_budget, extract_patches
+from sage_ros.core.errors import BudgetError
+from sage_ros.core.models import EdgeOutput, VitModel, server_forward_subset
+from sage_ros.core.preprocess import normalize
+from sage_ros.core.selection import coverage, select_detailed
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Hard limits of one request: patches always, payload bytes when ``max_bytes > 0``."""
+
+    patches: int
+    max_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.patches < 1:
+            raise BudgetError(f'patch budget must be >= 1, got {self.patches}')
+        if self.max_bytes < 0:
+            raise BudgetError(f'byte budget must be >= 0, got {self.max_bytes}')
+
+    def admits(self, patches: int, payload_bytes: int) -> bool:
+        """True when a request of this size is within the budget."""
+        return patches <= self.patches and (self.max_bytes == 0 or payload_bytes <= self.max_bytes)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How patches are chosen and encoded (mirrors the node parameters)."""
+
+    method: str = 'sage'
+    prefilter_ratio: float = 2.0
+    seed: int = 0
+    encoding: str = 'jpeg'
+    quality: int = 90
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """The patches chosen for one frame, encoded, guaranteed within the budget."""
+
+    indices: np.ndarray
+    payload: bytes
+    encoding: str
+    quality: int
+    truncated_by_method: int
+    """Patches a threshold method wanted beyond the patch budget."""
+    dropped_for_bytes: int
+    """Selected patches dropped (least important first) to meet the byte budget."""
+    coverage_7x7: float
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.payload)
+
+
+def plan_offload(crop: np.ndarray, edge: EdgeOutput, budget: Budget, config: SelectionConfig) -> OffloadPlan:
+    """Select, encode and trim one frame's patches so the request fits ``budget``."""
+    sel = select_detailed(
+        config.method,
+        edge.attention,
+        edge.embeddings,
+        budget.patches,
+        prefilter_ratio=config.prefilter_ratio,
+        seed=config.seed,
+        **config.method_params,
+    )
+    patches = extract_patches(crop, sel.indices)
+    payload, kept = encode_within_budget(
+        patches, config.encoding, quality=config.quality, max_bytes=budget.max_bytes
+    )
+    indices = sel.indices[:kept]
+    # The guarantee the whole system rests on; cheap enough to check on every request.
+    if not budget.admits(int(indices.size), len(payload)):
+        raise BudgetError(f'internal: plan of {indices.size} patches / {len(payload)} B exceeds {budget}')
+    return OffloadPlan(
+        indices=indices,
+        payload=payload,
+        encoding=config.encoding,
+        quality=config.quality if config.encoding == 'jpeg' else 0,
+        truncated_by_method=sel.truncated,
+        dropped_for_bytes=int(sel.indices.size - kept),
+        coverage_7x7=coverage(indices),
+    )
+
+
+def classify_patches(
+    vit: VitModel, payload: bytes, encoding: str, indices: np.ndarray
+) -> np.ndarray:
+    """Cloud side: decode a request's patches and return the server's softmax over classes."""
+    idx = np.asarray(indices, dtype=np.int64)
+    patches = decode_patches(payload, encoding, int(idx.size), patch=vit.patch_size)
+    x = normalize(patches, vit.mean, vit.std)
+    logits = server_forward_subset(vit, x, torch.from_numpy(idx))
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy()

@@ -1,0 +1,152 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``sage-ros demo``: the core end to end on real images, frame by frame."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sage_ros.core import (
+    Budget,
+    SelectionConfig,
+    classify_patches,
+    edge_forward,
+    gate_score,
+    load_vit,
+    normalize,
+    plan_offload,
+    resize_crop,
+    should_offload,
+)
+from sage_ros.core.labels import class_name
+from sage_ros.images import LabeledImage, read_rgb
+
+
+@dataclass(frozen=True)
+class DemoFrame:
+    """What the demo decided for one image."""
+
+    name: str
+    truth: int | None
+    edge_label: int
+    edge_conf: float
+    score: float
+    offloaded: bool
+    indices: np.ndarray
+    num_bytes: int
+    coverage_7x7: float
+    server_label: int | None
+    server_conf: float | None
+    edge_ms: float
+    server_ms: float
+
+    @property
+    def final_label(self) -> int:
+        return self.server_label if self.server_label is not None else self.edge_label
+
+
+def selection_config(edge: dict[str, Any]) -> SelectionConfig:
+    """SelectionConfig from the sage_edge parameters."""
+    params: dict[str, Any] = {}
+    if edge['method'] == 'attention_threshold':
+        params['delta'] = float(edge['delta'])
+    elif edge['method'] == 'attention_sum':
+        params['delta_sum'] = float(edge['delta_sum'])
+    return SelectionConfig(
+        method=edge['method'],
+        prefilter_ratio=float(edge['prefilter_ratio']),
+        seed=int(edge['seed']),
+        encoding=edge['codec'],
+        quality=int(edge['jpeg_quality']),
+        method_params=params,
+    )
+
+
+def run_demo(
+    images: list[LabeledImage],
+    edge_params: dict[str, Any],
+    cloud_params: dict[str, Any],
+    *,
+    emit: Callable[[str], None] = print,
+) -> list[DemoFrame]:
+    """Classify ``images`` on the edge, offload the uncertain ones, print a line per frame."""
+    edge_vit = load_vit(edge_params['model'], edge_params['weights'], device=edge_params['device'],
+                        num_threads=int(edge_params['num_threads']))
+    server_vit = load_vit(cloud_params['model'], cloud_params['weights'], device=cloud_params['device'])
+    if edge_vit.random_weights or server_vit.random_weights:
+        emit(f'NOTE: random weights (edge {edge_vit.weights}, server {server_vit.weights}): '
+             'labels and confidences are meaningless; the mechanics are real.')
+    crop_pct = float(edge_params['crop_pct']) or edge_vit.crop_pct
+    budget = Budget(int(edge_params['budget']), int(edge_params['byte_budget']))
+    config = selection_config(edge_params)
+    eta, metric = float(edge_params['eta']), edge_params['gate_metric']
+    emit(f'edge {edge_vit.name} | server {server_vit.name} | gate {metric} >= {eta} | '
+         f'method {config.method} B={budget.patches} | codec {config.encoding}')
+    frames = []
+    for item in images:
+        rgb = read_rgb(item.path)
+        crop, _ = resize_crop(rgb, input_size=edge_vit.input_size, crop_pct=crop_pct,
+                              interpolation=edge_vit.interpolation)
+        t0 = time.perf_counter()
+        edge = edge_forward(edge_vit, normalize(crop, edge_vit.mean, edge_vit.std),
+                            embedding_source=edge_params['embedding_source'])[0]
+        edge_ms = (time.perf_counter() - t0) * 1e3
+        score = gate_score(edge.probs, metric)
+        top, conf = edge.topk(1)
+        offload = should_offload(score, eta)
+        indices, nbytes, cov, s_label, s_conf, server_ms = np.empty(0, np.int64), 0, 0.0, None, None, 0.0
+        if offload:
+            plan = plan_offload(crop, edge, budget, config)
+            t1 = time.perf_counter()
+            probs = classify_patches(server_vit, plan.payload, plan.encoding, plan.indices)
+            server_ms = (time.perf_counter() - t1) * 1e3
+            s_label, s_conf = int(np.argmax(probs)), float(probs.max())
+            indices, nbytes, cov = plan.indices, plan.num_bytes, plan.coverage_7x7
+        frame = DemoFrame(item.path.name, item.label, int(top[0]), float(conf[0]), score, offload, indices,
+                          nbytes, cov, s_label, s_conf, edge_ms, server_ms)
+        frames.append(frame)
+        emit(format_frame(frame, metric))
+    emit(format_summary(frames))
+    return frames
+
+
+def format_frame(f: DemoFrame, metric: str) -> str:
+    head = (f'{f.name:<28} edge: {class_name(f.edge_label)!r} ({f.edge_conf:.3f}) {metric}={f.score:.2f} bits '
+            f'[{f.edge_ms:.0f} ms]')
+    if not f.offloaded:
+        return f'{head} -> keep edge label'
+    idx = ', '.join(str(i) for i in f.indices[:8]) + (', ...' if f.indices.size > 8 else '')
+    return (f'{head} -> OFFLOAD {f.indices.size} patches [{idx}] {f.num_bytes} B, cov7x7 {f.coverage_7x7:.2f}; '
+            f'server: {class_name(f.server_label)!r} ({f.server_conf:.3f}) [{f.server_ms:.0f} ms]')
+
+
+def format_summary(frames: list[DemoFrame]) -> str:
+    n = len(frames)
+    off = [f for f in frames if f.offloaded]
+    lines = [f'summary: {n} frames, {len(off)} offloaded ({100.0 * len(off) / max(n, 1):.0f}%)']
+    if off:
+        b = np.array([f.num_bytes for f in off])
+        p = np.array([f.indices.size for f in off])
+        lines.append(f'  per offloaded request: patches mean {p.mean():.1f} max {p.max()}, '
+                     f'bytes mean {b.mean():.0f} max {b.max()}')
+        lines.append(f'  server forward mean {np.mean([f.server_ms for f in off]):.0f} ms; '
+                     f'edge forward mean {np.mean([f.edge_ms for f in frames]):.0f} ms')
+    labeled = [f for f in frames if f.truth is not None]
+    if labeled:
+        acc = np.mean([f.final_label == f.truth for f in labeled])
+        edge_acc = np.mean([f.edge_label == f.truth for f in labeled])
+        lines.append(f'  accuracy on {len(labeled)} labelled frames: final {acc:.3f}, edge only {edge_acc:.3f}')
+    return '\n'.join(lines)
+
+
+def demo_images(folder: Path | None, limit: int) -> list[LabeledImage]:
+    from sage_ros.images import default_samples, list_images
+
+    if folder is None:
+        items = default_samples()
+        return items[:limit] if limit > 0 else items
+    return list_images(folder, limit=limit)

@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Reading the parameter YAML of config/ without ROS, with ROS-style ``name:=value`` overrides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+CONFIG_FILE = 'sage_ros.yaml'
+
+
+def config_dir() -> Path:
+    """Directory of the shipped config: the source tree's, else the installed package share."""
+    env = os.environ.get('SAGE_ROS_CONFIG_DIR')
+    if env:
+        return Path(env)
+    src = Path(__file__).resolve().parents[1] / 'config'
+    if (src / CONFIG_FILE).is_file():
+        return src
+    from ament_index_python.packages import get_package_share_directory  # only on installed setups
+
+    return Path(get_package_share_directory('sage_ros')) / 'config'
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value the way ROS reads one: YAML scalars (1, 1.5, true, 'abc')."""
+    value = yaml.safe_load(text)
+    return text if value is None else value
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``['budget:=48', 'sage_edge.weights:=random']`` -> ``{'budget': 48, ...}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition(':=')
+        if not sep or not name:
+            raise ValueError(f'parameter override must look like name:=value, got {item!r}')
+        out[name.strip()] = parse_value(value)
+    return out
+
+
+def load_params(
+    node: str, *, directory: Path | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Parameters of ``node`` from the YAML, then overrides.
+
+    An override ``name`` applies to every node that has the parameter; ``node.name`` to one.
+    Unknown names are errors, so a typo never passes silently.
+    """
+    path = (directory or config_dir()) / CONFIG_FILE
+    with path.open() as fh:
+        doc = yaml.safe_load(fh) or {}
+    try:
+        params = dict(doc[node]['ros__parameters'])
+    except KeyError:
+        raise KeyError(f'{path} has no ros__parameters for node {node!r}') from None
+    for name, value in (overrides or {}).items():
+        target, _, key = name.rpartition('.')
+        if target and target != node:
+            continue
+        if key not in params:
+            if target:
+                raise KeyError(f'node {node!r} has no parameter {key!r} (see {path})')
+            continue
+        expected = type(params[key])
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected):
+            raise TypeError(f'{node}.{key} must be {expected.__name__}, got {value!r}')
+        params[key] = value
+    return params
+
+
+def check_overrides_known(overrides: dict[str, Any], nodes: Iterable[str], *, directory: Path | None = None) -> None:
+    """Raise when an unqualified override matches no node's parameter."""
+    known: set[str] = set()
+    for node in nodes:
+        known |= set(load_params(node, directory=directory))
+    for name in overrides:
+        if '.' not in name and name not in known:
+            raise KeyError(f'no node has a parameter {name!r}')
