@@ -1,0 +1,41 @@
+# SPDX-License-Identifier: Apache-2.0
+import shutil
+
+import pytest
+
+from sage_ros.cli import main
+
+
+def test_demo_on_real_images(imagenet_dir, tmp_path, capsys):
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for p in sorted((imagenet_dir / 'images').iterdir())[:3]:
+        (folder / p.name).symlink_to(p)
+    shutil.copy(imagenet_dir / 'labels.csv', tmp_path / 'labels.csv')
+    rc = main(['demo', str(folder), '--weights', 'random', '-p', 'budget:=32', '-p', 'codec:=png'])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert 'random weights' in out
+    assert out.count('OFFLOAD 32 patches') == 3  # random weights are never confident
+    assert 'summary: 3 frames, 3 offloaded' in out
+    assert 'accuracy on 3 labelled frames' in out
+
+
+def test_demo_keeps_confident_frames_on_the_edge(capsys):
+    # eta above log2(1000) bits: nothing is uncertain enough to offload.
+    assert main(['demo', '--limit', '2', '--weights', 'random', '-p', 'eta:=11.0']) == 0
+    out = capsys.readouterr().out
+    assert out.count('keep edge label') == 2 and 'OFFLOAD' not in out
+
+
+def test_demo_refuses_unloadable_weights(tmp_path, capsys):
+    assert main(['demo', '--weights', str(tmp_path / 'nope.pth')]) == 2
+    assert 'checkpoint file' in capsys.readouterr().err
+
+
+def test_help_everywhere(capsys):
+    for argv in (['--help'], ['demo', '--help']):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+    assert 'weights' in capsys.readouterr().out
