@@ -37,6 +37,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from sage_ros.bench import run_bench
+
+    run_bench(args.images, n_images=args.n_images, repeat=args.repeat, weights=args.weights)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -49,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument('--limit', type=int, default=0, help='at most this many images (0: all)')
     _add_param_args(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser('bench', help='speed and size figures of the core on real images',
+                           description='Edge forward, selection per method and budget, codec bytes and '
+                                       'times, server subset forward vs all 196 patches.')
+    bench.add_argument('images', type=Path, help='folder of real images (e.g. imagenet-val-1300/images)')
+    bench.add_argument('--n-images', type=int, default=50, help='images to measure over')
+    bench.add_argument('--repeat', type=int, default=20, help='timed repetitions per figure')
+    bench.add_argument('--weights', default='random', help='weights of both models (speed does not depend on them)')
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
