@@ -28,6 +28,9 @@ setup(
     entry_points={
         'console_scripts': [
             'sage-ros = sage_ros.cli:main',
+            'sage_edge = sage_ros.nodes.edge_node:main',
+            'sage_cloud = sage_ros.nodes.cloud_node:main',
+            'sage_router = sage_ros.transport.router:main',
         ],
     },
 )

@@ -38,7 +38,7 @@ log "installing pinned packages (first run downloads about 5 GB: torch's CUDA bu
 # they were built on; point them at this venv's interpreter and numpy instead.
 py_inc=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 np_inc=$("$venv/bin/python" -c 'import numpy; print(numpy.get_include())')
-grep -rlZ '/opt/python/cp311-cp311' "$venv/share" --include='*.cmake' 2>/dev/null \
+{ grep -rlZ '/opt/python/cp311-cp311' "$venv/share" --include='*.cmake' 2>/dev/null || true; } \
   | xargs -0 -r sed -i \
       -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$np_inc#g" \
       -e "s#/opt/python/cp311-cp311/include/python3.11#$py_inc#g"

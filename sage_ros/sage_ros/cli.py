@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sage_ros.core.errors import SageError
-from sage_ros.params import check_overrides_known, load_params, parse_overrides
+from sage_ros.params import NODES, check_overrides_known, load_params, parse_overrides
 
 
 def _add_param_args(p: argparse.ArgumentParser) -> None:
@@ -20,11 +20,16 @@ def _add_param_args(p: argparse.ArgumentParser) -> None:
                    help='shorthand for -p weights:=VALUE on every node (a checkpoint, hub, or random)')
 
 
-def _params(args: argparse.Namespace) -> tuple[dict, dict]:
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = parse_overrides(args.param)
     if args.weights is not None:
         overrides.setdefault('weights', args.weights)
-    check_overrides_known(overrides, ('sage_edge', 'sage_cloud'), directory=args.config)
+    check_overrides_known(overrides, NODES, directory=args.config)
+    return overrides
+
+
+def _params(args: argparse.Namespace) -> tuple[dict, dict]:
+    overrides = _overrides(args)
     return (load_params('sage_edge', directory=args.config, overrides=overrides),
             load_params('sage_cloud', directory=args.config, overrides=overrides))
 
@@ -44,6 +49,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    from sage_ros.bringup import plan, run_up
+
+    overrides = _overrides(args)
+    directory = args.config.resolve() if args.config else None
+    return run_up(plan(args.side, namespace=args.namespace, directory=directory, overrides=overrides),
+                  directory=directory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -56,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument('--limit', type=int, default=0, help='at most this many images (0: all)')
     _add_param_args(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    up = sub.add_parser('up', help='bring up the system (router, cloud, edge) as processes, from config/',
+                        description='What `ros2 launch sage_ros edge_cloud.launch.py` does, for machines '
+                                    'without a ROS distribution. Ctrl-C stops everything.')
+    up.add_argument('--side', choices=('edge', 'cloud', 'both'), default='both',
+                    help='edge: the edge node; cloud: router and cloud node; both (default)')
+    up.add_argument('--namespace', default='', help='robot namespace of the edge node (e.g. robot1)')
+    _add_param_args(up)
+    up.set_defaults(func=_cmd_up)
 
     bench = sub.add_parser('bench', help='speed and size figures of the core on real images',
                            description='Edge forward, selection per method and budget, codec bytes and '

@@ -12,7 +12,6 @@ import numpy as np
 
 from sage_ros.core import (
     Budget,
-    SelectionConfig,
     classify_patches,
     edge_forward,
     gate_score,
@@ -24,6 +23,7 @@ from sage_ros.core import (
 )
 from sage_ros.core.labels import class_name
 from sage_ros.images import LabeledImage, read_rgb
+from sage_ros.params import selection_config
 
 
 @dataclass(frozen=True)
@@ -47,23 +47,6 @@ class DemoFrame:
     @property
     def final_label(self) -> int:
         return self.server_label if self.server_label is not None else self.edge_label
-
-
-def selection_config(edge: dict[str, Any]) -> SelectionConfig:
-    """SelectionConfig from the sage_edge parameters."""
-    params: dict[str, Any] = {}
-    if edge['method'] == 'attention_threshold':
-        params['delta'] = float(edge['delta'])
-    elif edge['method'] == 'attention_sum':
-        params['delta_sum'] = float(edge['delta_sum'])
-    return SelectionConfig(
-        method=edge['method'],
-        prefilter_ratio=float(edge['prefilter_ratio']),
-        seed=int(edge['seed']),
-        encoding=edge['codec'],
-        quality=int(edge['jpeg_quality']),
-        method_params=params,
-    )
 
 
 def run_demo(

@@ -9,7 +9,18 @@ from typing import Any, Iterable
 
 import yaml
 
+from sage_ros.core.offload import SelectionConfig
+
 CONFIG_FILE = 'sage_ros.yaml'
+
+
+NODES = ('sage_edge', 'sage_cloud', 'sage_router')
+
+
+def config_path(name: str, directory: Path | None = None) -> Path:
+    """A file of the config directory (absolute names are kept)."""
+    p = Path(name)
+    return p if p.is_absolute() else (directory or config_dir()) / p
 
 
 def config_dir() -> Path:
@@ -53,10 +64,10 @@ def load_params(
     path = (directory or config_dir()) / CONFIG_FILE
     with path.open() as fh:
         doc = yaml.safe_load(fh) or {}
-    try:
-        params = dict(doc[node]['ros__parameters'])
-    except KeyError:
-        raise KeyError(f'{path} has no ros__parameters for node {node!r}') from None
+    section = doc.get(f'/**/{node}', doc.get(node))
+    if not isinstance(section, dict) or 'ros__parameters' not in section:
+        raise KeyError(f'{path} has no ros__parameters for node {node!r}')
+    params = dict(section['ros__parameters'])
     for name, value in (overrides or {}).items():
         target, _, key = name.rpartition('.')
         if target and target != node:
@@ -82,3 +93,20 @@ def check_overrides_known(overrides: dict[str, Any], nodes: Iterable[str], *, di
     for name in overrides:
         if '.' not in name and name not in known:
             raise KeyError(f'no node has a parameter {name!r}')
+
+
+def selection_config(edge: dict[str, Any]) -> SelectionConfig:
+    """The core's SelectionConfig from sage_edge parameters."""
+    method_params: dict[str, Any] = {}
+    if edge['method'] == 'attention_threshold':
+        method_params['delta'] = float(edge['delta'])
+    elif edge['method'] == 'attention_sum':
+        method_params['delta_sum'] = float(edge['delta_sum'])
+    return SelectionConfig(
+        method=edge['method'],
+        prefilter_ratio=float(edge['prefilter_ratio']),
+        seed=int(edge['seed']),
+        encoding=edge['codec'],
+        quality=int(edge['jpeg_quality']),
+        method_params=method_params,
+    )

@@ -8,7 +8,7 @@ from sage_ros.params import check_overrides_known, config_dir, load_params, pars
 def test_shipped_yaml_is_the_source_of_defaults():
     doc = yaml.safe_load((config_dir() / 'sage_ros.yaml').read_text())
     edge = load_params('sage_edge')
-    assert edge == doc['sage_edge']['ros__parameters']
+    assert edge == doc['/**/sage_edge']['ros__parameters']
     assert edge['model'] == 'deit_tiny_patch16_224' and edge['eta'] == 1.0 and edge['method'] == 'sage'
     assert load_params('sage_cloud')['model'] == 'deit_base_patch16_224'
 
