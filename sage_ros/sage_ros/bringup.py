@@ -33,6 +33,14 @@ _NODE_NAMES = {'router': 'sage_router', 'cloud': 'sage_cloud', 'edge': 'sage_edg
 _READY = {'router': 'Zenoh router', 'cloud': 'ready:', 'edge': 'ready:'}
 
 
+FASTDDS_PROFILE = 'fastdds_large_frames.xml'
+
+
+def dds_defaults(directory: Path | None = None) -> dict[str, str]:
+    """Environment our processes get unless the user set it: the large-frames Fast DDS profile."""
+    return {'FASTDDS_DEFAULT_PROFILES_FILE': str((directory or config_dir()) / FASTDDS_PROFILE)}
+
+
 @dataclass
 class Proc:
     name: str
@@ -84,7 +92,7 @@ class Bringup:
     def __init__(self, procs: list[Proc], *, env: dict[str, str] | None = None,
                  log: TextIO | None = sys.stderr, directory: Path | None = None) -> None:
         self.procs = procs
-        self._env = {**os.environ, **(env or {})}
+        self._env = {**dds_defaults(directory), **os.environ, **(env or {})}
         if directory is not None:
             self._env['SAGE_ROS_CONFIG_DIR'] = str(directory)
         self._env.setdefault('PYTHONUNBUFFERED', '1')

@@ -38,8 +38,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sage_ros.demo import demo_images, run_demo
 
     edge, cloud = _params(args)
-    run_demo(demo_images(args.images, args.limit), edge, cloud)
-    return 0
+    images = demo_images(args.images, args.limit)
+    if args.offline:
+        run_demo(images, edge, cloud)
+        return 0
+    from sage_ros.system_demo import run_system_demo
+
+    summary = run_system_demo(images, _overrides(args), directory=args.config.resolve() if args.config else None,
+                              edge_params=edge, log_path=args.log)
+    return 0 if summary['results'] == summary['frames'] else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -61,13 +68,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
-    demo = sub.add_parser('demo', help='classify images end to end: edge, gate, SAGE, codec, server',
-                          description='Run the edge model, the min-entropy gate, patch selection, the codec '
-                                      'and the server model on real images and print every decision.')
+    demo = sub.add_parser('demo', help='the system end to end on real images',
+                          description='Bring up router, cloud node and edge node, publish real images as '
+                                      'sensor_msgs/Image on the camera topic, print each OffloadResult and a '
+                                      'summary. --offline runs the same decisions in-process, without ROS.')
     demo.add_argument('images', nargs='?', type=Path, default=None,
                       help="folder of images (labels from its or its parent's labels.csv); "
                            "default: scikit-image's sample photographs")
     demo.add_argument('--limit', type=int, default=0, help='at most this many images (0: all)')
+    demo.add_argument('--offline', action='store_true',
+                      help='run the core library in this process instead of the ROS system')
+    demo.add_argument('--log', type=Path, default=None,
+                      help='write the nodes\' logs to this file (default: not kept)')
     _add_param_args(demo)
     demo.set_defaults(func=_cmd_demo)
 

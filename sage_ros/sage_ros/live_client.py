@@ -1,0 +1,72 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Feeding frames to a running system and collecting its OffloadResults (demo, replay, tests)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import rclpy
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from sage_ros_msgs.msg import OffloadResult
+from sensor_msgs.msg import Image
+
+from sage_ros.ros_image import rgb_to_image_fields
+
+SOURCE_NAMES = {OffloadResult.SOURCE_EDGE: 'edge', OffloadResult.SOURCE_CLOUD: 'cloud',
+                OffloadResult.SOURCE_EDGE_FALLBACK: 'fallback'}
+
+
+def stamp_ns(stamp: Any) -> int:
+    return int(stamp.sec) * 10**9 + int(stamp.nanosec)
+
+
+class LiveClient(Node):
+    """Publishes camera frames and matches each OffloadResult to its frame by header stamp."""
+
+    def __init__(self, *, image_topic: str = '/camera/image_raw', result_topic: str = '/sage/result',
+                 name: str = 'sage_live_client') -> None:
+        super().__init__(name)
+        reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
+        self._pub = self.create_publisher(Image, image_topic, reliable)
+        self.results: dict[int, OffloadResult] = {}
+        self.all_results: list[OffloadResult] = []
+        self._sub = self.create_subscription(OffloadResult, result_topic, self._on_result, reliable)
+
+    def _on_result(self, msg: OffloadResult) -> None:
+        self.all_results.append(msg)
+        self.results[stamp_ns(msg.header.stamp)] = msg
+
+    def wait_for_edge(self, timeout: float = 30.0) -> bool:
+        """Wait until the edge node's camera subscription and result publisher are matched."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self._pub.get_subscription_count() > 0 and self._sub.get_publisher_count() > 0:
+                return True
+            rclpy.spin_once(self, timeout_sec=0.05)
+        return False
+
+    def publish(self, rgb: np.ndarray, *, encoding: str = 'rgb8', frame_id: str = 'camera') -> int:
+        """Publish one frame now; returns its stamp (ns), the key of its result."""
+        msg = Image(**rgb_to_image_fields(rgb, encoding))
+        msg.header.frame_id = frame_id
+        msg.header.stamp = self.get_clock().now().to_msg()
+        self._pub.publish(msg)
+        return stamp_ns(msg.header.stamp)
+
+    def wait_result(self, stamp: int, timeout: float) -> OffloadResult | None:
+        end = time.monotonic() + timeout
+        while stamp not in self.results and time.monotonic() < end:
+            rclpy.spin_once(self, timeout_sec=0.02)
+        return self.results.get(stamp)
+
+    def classify(self, rgb: np.ndarray, *, timeout: float = 30.0, encoding: str = 'rgb8') -> OffloadResult | None:
+        """Publish a frame and wait for its result."""
+        return self.wait_result(self.publish(rgb, encoding=encoding), timeout)
+
+    def drain(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            rclpy.spin_once(self, timeout_sec=0.02)

@@ -1,0 +1,136 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``sage-ros demo``: bring the system up, replay real images on the camera topic, report."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from sage_ros.bringup import Bringup, dds_defaults, plan
+from sage_ros.images import LabeledImage, read_rgb
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return int(s.getsockname()[1])
+
+
+def isolated_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Pick a free loopback port for the demo's own router unless endpoints were given."""
+    out = dict(overrides)
+    if not any(k.endswith(('zenoh_listen', 'zenoh_connect')) for k in out):
+        endpoint = f'tcp/127.0.0.1:{free_port()}'
+        out['zenoh_listen'] = endpoint
+        out['zenoh_connect'] = endpoint
+    return out
+
+
+def run_system_demo(
+    images: list[LabeledImage],
+    overrides: dict[str, Any],
+    *,
+    directory: Path | None = None,
+    edge_params: dict[str, Any],
+    emit: Callable[[str], None] = print,
+    log_path: Path | None = None,
+) -> dict[str, Any]:
+    """Bring up router, cloud and edge; publish each image and print its OffloadResult."""
+    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    for key, value in dds_defaults(directory).items():
+        os.environ.setdefault(key, value)
+    import rclpy
+
+    from sage_ros.core.labels import class_name
+    from sage_ros.live_client import SOURCE_NAMES, LiveClient
+
+    overrides = isolated_overrides(overrides)
+    log = open(log_path, 'w') if log_path else None  # noqa: SIM115 - closed below
+    bring = Bringup(plan('both', directory=directory, overrides=overrides), log=log, directory=directory)
+    emit(f'bringing up router, cloud and edge (ROS_DOMAIN_ID={os.environ["ROS_DOMAIN_ID"]}, '
+         f'Zenoh {overrides.get("zenoh_listen", "from config")}) ...')
+    rclpy.init()
+    client = None
+    try:
+        bring.start()
+        bring.wait_ready()
+        client = LiveClient(image_topic=edge_params['image_topic'],
+                            result_topic='/' + edge_params['result_topic'].lstrip('/'))
+        if not client.wait_for_edge():
+            raise RuntimeError('the edge node did not subscribe to the camera topic')
+        emit(f'publishing {len(images)} frames on {edge_params["image_topic"]}')
+        rows = []
+        timeout = edge_params['deadline_ms'] / 1e3 + 30.0
+        for item in images:
+            res = client.classify(read_rgb(item.path), timeout=timeout)
+            if res is None:
+                emit(f'{item.path.name:<28} NO RESULT within {timeout:.0f} s')
+                rows.append((item, None))
+                continue
+            src = SOURCE_NAMES.get(res.source, '?')
+            extra = f' {res.patches_sent} patches {res.bytes_sent} B' if res.patches_sent else ''
+            why = f' ({res.detail})' if res.detail else ''
+            truth = f' truth {class_name(item.label)!r}' if item.label is not None else ''
+            emit(f'{item.path.name:<28} {res.request_id:<18} {src:<8} {res.label_name!r} ({res.confidence:.3f}) '
+                 f'H={res.min_entropy:.2f}{extra} {res.latency_ms:.0f} ms{why}{truth}')
+            rows.append((item, res))
+        summary = summarize(rows)
+        emit(format_summary(summary, random_weights=any(r is not None and r.random_weights for _, r in rows)))
+        return summary
+    finally:
+        if client is not None:
+            client.destroy_node()
+        rclpy.try_shutdown()
+        bring.stop()
+        if log:
+            log.close()
+
+
+def summarize(rows: list[tuple[LabeledImage, Any]]) -> dict[str, Any]:
+    got = [r for _, r in rows if r is not None]
+    off = [r for r in got if r.patches_sent > 0]
+    labelled = [(i, r) for i, r in rows if r is not None and i.label is not None]
+    return {
+        'frames': len(rows),
+        'results': len(got),
+        'edge': sum(r.source == 0 for r in got),
+        'cloud': sum(r.source == 1 for r in got),
+        'fallback': sum(r.source == 2 for r in got),
+        'bytes_per_request': [r.bytes_sent for r in off],
+        'patches_per_request': [r.patches_sent for r in off],
+        'latency_edge_ms': [r.latency_ms for r in got if r.patches_sent == 0],
+        'latency_offloaded_ms': [r.latency_ms for r in off],
+        'accuracy': (float(np.mean([r.label == i.label for i, r in labelled])) if labelled else None),
+    }
+
+
+def _pct(values: list[float]) -> str:
+    if not values:
+        return 'n/a'
+    return f'p50 {np.percentile(values, 50):.0f} ms, p95 {np.percentile(values, 95):.0f} ms'
+
+
+def format_summary(s: dict[str, Any], *, random_weights: bool) -> str:
+    lines = [f'summary: {s["frames"]} frames, {s["results"]} results: {s["edge"]} edge, {s["cloud"]} cloud, '
+             f'{s["fallback"]} fallback']
+    if s['bytes_per_request']:
+        b = np.array(s['bytes_per_request'])
+        p = np.array(s['patches_per_request'])
+        lines.append(f'  per offloaded request: {p.mean():.1f} patches (max {p.max()}), '
+                     f'{b.mean():.0f} B (max {b.max()})')
+    lines.append(f'  latency, kept on the edge: {_pct(s["latency_edge_ms"])}; offloaded: {_pct(s["latency_offloaded_ms"])}')
+    if s['accuracy'] is not None:
+        lines.append(f'  accuracy on labelled frames: {s["accuracy"]:.3f}')
+    if random_weights:
+        lines.append('  (random weights: labels and accuracy are meaningless)')
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    sys.exit('use: sage-ros demo')
