@@ -39,11 +39,17 @@ class LiveClient(Node):
         self.all_results.append(msg)
         self.results[stamp_ns(msg.header.stamp)] = msg
 
-    def wait_for_edge(self, timeout: float = 30.0) -> bool:
-        """Wait until the edge node's camera subscription and result publisher are matched."""
+    def wait_for_edge(self, timeout: float = 30.0, settle: float = 1.0) -> bool:
+        """Wait until the edge node's camera subscription and result publisher are matched.
+
+        Discovery is not symmetric: our writer can see the edge's reader before that reader
+        has matched our writer, and a best-effort reader drops samples of writers it does not
+        know yet. ``settle`` seconds more let the other side catch up.
+        """
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self._pub.get_subscription_count() > 0 and self._sub.get_publisher_count() > 0:
+                self.drain(settle)
                 return True
             rclpy.spin_once(self, timeout_sec=0.05)
         return False

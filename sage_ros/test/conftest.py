@@ -35,6 +35,26 @@ def real_images(imagenet_dir: Path) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope='session')
+def ros_env():
+    """One rclpy context for the session, on a DDS domain of its own, local discovery only.
+
+    The nodes the tests start inherit the same environment, so they see each other and
+    nothing else on the machine.
+    """
+    import rclpy
+
+    from sage_ros.bringup import dds_defaults
+
+    os.environ['ROS_DOMAIN_ID'] = str(101 + os.getpid() % 100)
+    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+    for key, value in dds_defaults().items():
+        os.environ.setdefault(key, value)
+    rclpy.init()
+    yield
+    rclpy.try_shutdown()
+
+
+@pytest.fixture(scope='session')
 def tiny():
     return load_vit('deit_tiny_patch16_224', 'random:0')
 

@@ -25,6 +25,7 @@ from sage_ros_msgs.msg import CloudResult, PatchSet
 from sage_ros.core import classify_patches, load_vit
 from sage_ros.core.labels import class_name
 from sage_ros.core.request import RequestError, RequestLimits, check_request
+from sage_ros.nodes.diagnostics import CounterDiagnostics
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path
@@ -95,6 +96,8 @@ class CloudNode(Node):
             pub = self.create_publisher(CloudResult, p['cloud_result_topic'], reliable)
             self.create_subscription(PatchSet, p['patch_set_topic'],
                                      lambda data: self._enqueue(data, pub.publish), reliable, raw=True)
+        CounterDiagnostics(self, lambda: {**self.stats, 'queued': len(self._queue)}, hardware_id='cloud',
+                           warn_on=('rejected', 'shed', 'errors'))
         self._running = True
         self._worker = threading.Thread(target=self._work, name='sage_cloud_worker', daemon=True)
         self._worker.start()

@@ -41,6 +41,7 @@ from sage_ros.core.gate import GATE_METRICS
 from sage_ros.core.labels import class_name
 from sage_ros.core.preprocess import CropMap
 from sage_ros.core.selection import METHODS
+from sage_ros.nodes.diagnostics import CounterDiagnostics
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path, selection_config
@@ -139,6 +140,8 @@ class EdgeNode(Node):
             self._send = req_pub.publish  # serialized bytes are published as they are
             self.create_subscription(CloudResult, p['cloud_result_topic'], self._on_answer, reliable, raw=True)
 
+        CounterDiagnostics(self, lambda: self.stats, hardware_id=self._robot_id or 'robot',
+                           warn_on=('dropped', 'rejected', 'fallback', 'bad_answers'))
         self._slot: _Frame | None = None
         self._slot_cv = threading.Condition()
         self._running = True

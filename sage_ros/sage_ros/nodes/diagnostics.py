@@ -1,0 +1,42 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Periodic counters of a node on /diagnostics (diagnostic_msgs/DiagnosticArray).
+
+diagnostic_updater is not installable from PyPI, so this is the small part of it we need:
+one status per node, its counters as key/values, WARN while a watched counter grows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rclpy.node import Node
+
+
+class CounterDiagnostics:
+    """Publish ``stats`` every ``period`` s; WARN when any of ``warn_on`` grew since the last."""
+
+    def __init__(self, node: Node, stats: Callable[[], dict[str, int]], *, hardware_id: str,
+                 warn_on: tuple[str, ...] = (), period: float = 1.0) -> None:
+        self._node = node
+        self._stats = stats
+        self._hardware_id = hardware_id
+        self._warn_on = warn_on
+        self._last: dict[str, int] = {}
+        self._pub = node.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        node.create_timer(period, self.publish)
+
+    def publish(self) -> None:
+        now = dict(self._stats())
+        grew = [k for k in self._warn_on if now.get(k, 0) > self._last.get(k, 0)]
+        self._last = now
+        status = DiagnosticStatus(
+            level=DiagnosticStatus.WARN if grew else DiagnosticStatus.OK,
+            name=f'{self._node.get_fully_qualified_name()}: stats',
+            message=('new ' + ', '.join(grew)) if grew else 'ok',
+            hardware_id=self._hardware_id,
+            values=[KeyValue(key=k, value=str(v)) for k, v in now.items()],
+        )
+        msg = DiagnosticArray(status=[status])
+        msg.header.stamp = self._node.get_clock().now().to_msg()
+        self._pub.publish(msg)

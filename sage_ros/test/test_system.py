@@ -1,0 +1,254 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ROS 2 system end to end: router, cloud and edge as separate processes over Zenoh on
+127.0.0.1, fed real images on the camera topic."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rclpy
+import zenoh
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
+from rclpy.serialization import deserialize_message, serialize_message
+from sage_ros_msgs.msg import CloudResult, OffloadResult, PatchSet
+
+from sage_ros.bringup import Bringup, plan
+from sage_ros.core import Budget, classify_patches, edge_forward, normalize, plan_offload, resize_crop
+from sage_ros.images import list_images, read_rgb
+from sage_ros.live_client import LiveClient
+from sage_ros.params import load_params, selection_config
+from sage_ros.system_demo import free_port
+from sage_ros.typestore import typestore
+
+BUDGET, BYTE_BUDGET, DEADLINE_MS = 64, 6000, 3000.0
+
+
+@pytest.fixture(scope='module')
+def system(ros_env, imagenet_dir, tmp_path_factory):
+    endpoint = f'tcp/127.0.0.1:{free_port()}'
+    overrides = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'budget': BUDGET,
+                 'byte_budget': BYTE_BUDGET, 'deadline_ms': DEADLINE_MS, 'codec': 'jpeg'}
+    log = (tmp_path_factory.mktemp('system') / 'nodes.log').open('w')
+    bring = Bringup(plan('both', overrides=overrides), log=log)
+    bring.start()
+    client = None
+    try:
+        bring.wait_ready()
+        client = LiveClient(name='test_client')
+        assert client.wait_for_edge(), 'edge node not discovered'
+        images = [read_rgb(i.path) for i in list_images(imagenet_dir / 'images')[100:108]]
+        yield SimpleNamespace(bring=bring, client=client, endpoint=endpoint, overrides=overrides, images=images,
+                              log=log)
+    finally:
+        if client is not None:
+            client.destroy_node()
+        bring.stop()
+        log.close()
+
+
+def expected_labels(tiny, base, rgb):
+    """What the edge and the cloud must answer for a frame, computed here with the core."""
+    params = load_params('sage_edge', overrides={'codec': 'jpeg'})
+    crop, _ = resize_crop(rgb, crop_pct=tiny.crop_pct)
+    edge = edge_forward(tiny, normalize(crop, tiny.mean, tiny.std))[0]
+    plan_ = plan_offload(crop, edge, Budget(BUDGET, BYTE_BUDGET), selection_config(params))
+    probs = classify_patches(base, plan_.payload, plan_.encoding, plan_.indices)
+    return int(np.argmax(edge.probs)), np.argsort(-probs)[:3].tolist(), plan_
+
+
+def test_every_frame_gets_one_result_within_budget_with_the_clouds_label(system, tiny, base):
+    results = []
+    for rgb in system.images:
+        res = system.client.classify(rgb, timeout=DEADLINE_MS / 1e3 + 20)
+        assert res is not None, 'frame without a result'
+        results.append(res)
+    system.client.drain(0.5)
+    assert len(system.client.all_results) == len(system.images)  # exactly one each, no extras
+    seqs = [r.sequence for r in results]
+    assert seqs == sorted(seqs) and len(set(r.request_id for r in results)) == len(results)
+    for rgb, res in zip(system.images, results):
+        assert res.request_id.endswith(f'-{res.sequence}')
+        # Random weights are never confident: every frame is offloaded and answered by the cloud.
+        assert res.source == OffloadResult.SOURCE_CLOUD, res.detail
+        assert 0 < res.patches_sent <= BUDGET and res.bytes_sent <= BYTE_BUDGET
+        assert res.budget_patches == BUDGET and res.random_weights
+        edge_label, cloud_top3, plan_ = expected_labels(tiny, base, rgb)
+        assert res.edge_label == edge_label
+        assert res.patches_sent == plan_.indices.size and res.bytes_sent == plan_.num_bytes
+        # Same weights, same patches: the cloud's label (top-3 allows for float order of near-ties).
+        assert res.label in cloud_top3
+
+
+def test_parameter_change_takes_effect_on_the_next_frame(system):
+    params = AsyncParameterClient(system.client, 'sage_edge')
+    assert params.wait_for_services(timeout_sec=10.0)
+
+    def set_param(name, value):
+        future = params.set_parameters([Parameter(name, value=value)])
+        rclpy.spin_until_future_complete(system.client, future, timeout_sec=10.0)
+        return future.result().results[0]
+
+    assert set_param('budget', 48).successful
+    try:
+        res = system.client.classify(system.images[0], timeout=20)
+        assert res.budget_patches == 48 and 0 < res.patches_sent <= 48
+        bad = set_param('budget', 500)
+        assert not bad.successful
+        bad = set_param('method', 'telepathy')
+        assert not bad.successful and 'must be one of' in bad.reason
+        assert set_param('method', 'uniform_grid').successful
+        res = system.client.classify(system.images[1], timeout=20)
+        assert res.method == 'uniform_grid' and res.budget_patches == 48
+    finally:
+        set_param('budget', BUDGET)
+        set_param('method', 'sage')
+
+
+def _valid_request(robot: str, rid: str, n: int = 4) -> PatchSet:
+    return PatchSet(request_id=rid, robot_id=robot, input_size=224, patch_size=16, grid_rows=14, grid_cols=14,
+                    budget_patches=8, method='sage', indices=np.arange(n, dtype=np.uint16), encoding='raw',
+                    payload=bytes(768 * n))
+
+
+def _cloud_rejected(client, timeout=5.0):
+    """The cloud's 'rejected' counter from its next /diagnostics report."""
+    seen = []
+    sub = client.create_subscription(DiagnosticArray, '/diagnostics', seen.append, 10)
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            rclpy.spin_once(client, timeout_sec=0.05)
+            for arr in seen:
+                for st in arr.status:
+                    if 'sage_cloud' in st.name:
+                        return int({kv.key: kv.value for kv in st.values}['rejected'])
+        raise AssertionError('no diagnostics from the cloud')
+    finally:
+        client.destroy_subscription(sub)
+
+
+def test_malformed_requests_are_rejected_counted_and_the_cloud_keeps_serving(system):
+    before = _cloud_rejected(system.client)
+    good = serialize_message(_valid_request('evil', 'evil/0'))
+
+    def mutated(rid, **fields):
+        msg = _valid_request('evil', rid)
+        for k, v in fields.items():
+            setattr(msg, k, v)
+        return serialize_message(msg)
+
+    bad = {
+        'truncated CDR': good[: len(good) // 2],
+        'empty': b'',
+        'garbage': b'\x00\x01\x00\x00' + bytes(range(256)) * 4,
+        'raw payload too short': mutated('evil/1', payload=bytes(768 * 4 - 1)),
+        'index out of range': mutated('evil/2', indices=np.array([0, 1, 2, 196], np.uint16)),
+        'duplicate indices': mutated('evil/3', indices=np.array([5, 5, 6, 7], np.uint16)),
+        'over the declared budget': mutated('evil/4', budget_patches=3),
+        'declared budget over the limit': mutated('evil/5', budget_patches=500),
+        'oversized payload': mutated('evil/6', indices=np.arange(196, dtype=np.uint16), budget_patches=196,
+                                     payload=bytes(300_000)),
+        'unknown encoding': mutated('evil/7', encoding='gif'),
+        'jpeg that is not': mutated('evil/8', encoding='jpeg', payload=b'\xff\xd8' + bytes(100)),
+        'wrong geometry': mutated('evil/9', patch_size=32),
+    }
+    answers = []
+    session = zenoh.open(_client_config(system.endpoint))
+    sub = session.declare_subscriber('evil/sage/cloud_result', lambda s: answers.append(s.payload.to_bytes()))
+    try:
+        time.sleep(0.5)
+        for payload in bad.values():
+            session.put('evil/sage/patch_set', payload)
+            time.sleep(0.05)  # a burst would overflow the queue and be shed BUSY instead
+        end = time.monotonic() + 10
+        while len(answers) < 8 and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        sub.undeclare()
+        session.close()
+    # Every request with a readable id is answered REJECTED, so its robot falls back at once;
+    # the oversized one is refused by its size before it is parsed, so it has no id to answer.
+    statuses = {deserialize_message(a, CloudResult).request_id: deserialize_message(a, CloudResult).status
+                for a in answers}
+    assert statuses == {f'evil/{i}': CloudResult.STATUS_REJECTED for i in (1, 2, 3, 4, 5, 7, 8, 9)}
+    time.sleep(1.2)
+    assert _cloud_rejected(system.client) - before == len(bad)
+    res = system.client.classify(system.images[2], timeout=20)
+    assert res.source == OffloadResult.SOURCE_CLOUD
+
+
+def _client_config(endpoint: str) -> zenoh.Config:
+    conf = zenoh.Config()
+    conf.insert_json5('mode', '"client"')
+    conf.insert_json5('connect/endpoints', f'["{endpoint}"]')
+    conf.insert_json5('scouting/multicast/enabled', 'false')
+    return conf
+
+
+def test_second_robot_shares_the_cloud_with_bridge_compatible_keys_and_bytes(system):
+    """Keys are the ROS topic names without the leading slash and payloads are plain CDR with
+    its encapsulation header: what zenoh-bridge-ros2dds puts on the wire."""
+    overrides = {**system.overrides, 'sage_edge.image_topic': 'camera/image_raw'}
+    robot2 = Bringup(plan('edge', namespace='robot2', overrides=overrides), log=system.log)
+    seen: list[tuple[str, bytes]] = []
+    session = zenoh.open(_client_config(system.endpoint))
+    sub = session.declare_subscriber('robot2/**', lambda s: seen.append((str(s.key_expr), s.payload.to_bytes())))
+    robot2.start()
+    client2 = None
+    try:
+        robot2.wait_ready()
+        client2 = LiveClient(image_topic='/robot2/camera/image_raw', result_topic='/robot2/sage/result',
+                             name='test_client2')
+        assert client2.wait_for_edge()
+        res = client2.classify(system.images[3], timeout=20)
+        assert res.source == OffloadResult.SOURCE_CLOUD and res.request_id.startswith('robot2/')
+        time.sleep(0.3)
+        # The first robot is unaffected and gets its own answers.
+        assert system.client.classify(system.images[4], timeout=20).source == OffloadResult.SOURCE_CLOUD
+    finally:
+        if client2 is not None:
+            client2.destroy_node()
+        robot2.stop()
+        sub.undeclare()
+        session.close()
+    keys = {k for k, _ in seen}
+    assert keys == {'robot2/sage/patch_set', 'robot2/sage/cloud_result'}
+    store = typestore()
+    for key, payload in seen:
+        name = 'PatchSet' if key.endswith('patch_set') else 'CloudResult'
+        assert payload[:4] == b'\x00\x01\x00\x00'  # CDR little-endian encapsulation header
+        ours = deserialize_message(payload, PatchSet if name == 'PatchSet' else CloudResult)
+        # rosbags' independent CDR decoder reads the same message from the same bytes.
+        other = store.deserialize_cdr(payload, f'sage_ros_msgs/msg/{name}')
+        assert other.request_id == ours.request_id and other.header.stamp.sec == ours.header.stamp.sec
+        if name == 'PatchSet':
+            assert bytes(other.payload) == bytes(ours.payload) and other.indices.tolist() == list(ours.indices)
+            assert ours.robot_id == 'robot2' and len(ours.indices) <= BUDGET
+        else:
+            assert other.labels.tolist() == list(ours.labels) and other.status == CloudResult.STATUS_OK
+
+
+def test_cloud_or_router_loss_falls_back_and_recovers_without_restarting_the_edge(system):
+    client = system.client
+    edge_pid = next(p.popen.pid for p in system.bring.procs if p.name == 'edge')
+    for lost in ('cloud', 'router'):
+        system.bring.stop([lost])
+        for rgb in system.images[:2]:
+            res = client.classify(rgb, timeout=DEADLINE_MS / 1e3 + 20)
+            assert res is not None and res.source == OffloadResult.SOURCE_EDGE_FALLBACK
+            assert res.detail == 'timeout' and res.latency_ms >= DEADLINE_MS * 0.9
+        system.bring.start([lost])
+        system.bring.wait_ready()
+        # Clients reconnect on their own; offloading resumes within a few frames.
+        sources = []
+        end = time.monotonic() + 60
+        while OffloadResult.SOURCE_CLOUD not in sources and time.monotonic() < end:
+            sources.append(client.classify(system.images[5], timeout=DEADLINE_MS / 1e3 + 20).source)
+        assert sources[-1] == OffloadResult.SOURCE_CLOUD, f'no recovery after {lost} restart: {sources}'
+    assert next(p.popen.pid for p in system.bring.procs if p.name == 'edge') == edge_pid
+    assert not system.bring.dead()
