@@ -7,8 +7,10 @@ import time
 from typing import Any
 
 import numpy as np
-import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
+from rclpy.task import Future
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sage_ros_msgs.msg import OffloadResult
 from sensor_msgs.msg import Image
@@ -27,8 +29,11 @@ class LiveClient(Node):
     """Publishes camera frames and matches each OffloadResult to its frame by header stamp."""
 
     def __init__(self, *, image_topic: str = '/camera/image_raw', result_topic: str = '/sage/result',
-                 name: str = 'sage_live_client') -> None:
-        super().__init__(name)
+                 name: str = 'sage_live_client', context: Context | None = None) -> None:
+        super().__init__(name, context=context)
+        # An executor of our own: works with any context and never competes with the global one.
+        self._executor = SingleThreadedExecutor(context=self.context)
+        self._executor.add_node(self)
         reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
         self._pub = self.create_publisher(Image, image_topic, reliable)
         self.results: dict[int, OffloadResult] = {}
@@ -51,8 +56,16 @@ class LiveClient(Node):
             if self._pub.get_subscription_count() > 0 and self._sub.get_publisher_count() > 0:
                 self.drain(settle)
                 return True
-            rclpy.spin_once(self, timeout_sec=0.05)
+            self._executor.spin_once(timeout_sec=0.05)
         return False
+
+    def spin_until_future_complete(self, future: Future, timeout: float = 10.0) -> None:
+        self._executor.spin_until_future_complete(future, timeout_sec=timeout)
+
+    def destroy_node(self) -> None:
+        self._executor.remove_node(self)
+        self._executor.shutdown()
+        super().destroy_node()
 
     def publish(self, rgb: np.ndarray, *, encoding: str = 'rgb8', frame_id: str = 'camera') -> int:
         """Publish one frame now; returns its stamp (ns), the key of its result."""
@@ -65,7 +78,7 @@ class LiveClient(Node):
     def wait_result(self, stamp: int, timeout: float) -> OffloadResult | None:
         end = time.monotonic() + timeout
         while stamp not in self.results and time.monotonic() < end:
-            rclpy.spin_once(self, timeout_sec=0.02)
+            self._executor.spin_once(timeout_sec=0.02)
         return self.results.get(stamp)
 
     def classify(self, rgb: np.ndarray, *, timeout: float = 30.0, encoding: str = 'rgb8') -> OffloadResult | None:
@@ -75,4 +88,4 @@ class LiveClient(Node):
     def drain(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            rclpy.spin_once(self, timeout_sec=0.02)
+            self._executor.spin_once(timeout_sec=0.02)

@@ -55,13 +55,14 @@ def run_system_demo(
     bring = Bringup(plan('both', directory=directory, overrides=overrides), log=log, directory=directory)
     emit(f'bringing up router, cloud and edge (ROS_DOMAIN_ID={os.environ["ROS_DOMAIN_ID"]}, '
          f'Zenoh {overrides.get("zenoh_listen", "from config")}) ...')
-    rclpy.init()
+    context = rclpy.Context()
+    rclpy.init(context=context)
     client = None
     try:
         bring.start()
         bring.wait_ready()
         client = LiveClient(image_topic=edge_params['image_topic'],
-                            result_topic='/' + edge_params['result_topic'].lstrip('/'))
+                            result_topic='/' + edge_params['result_topic'].lstrip('/'), context=context)
         if not client.wait_for_edge():
             raise RuntimeError('the edge node did not subscribe to the camera topic')
         emit(f'publishing {len(images)} frames on {edge_params["image_topic"]}')
@@ -86,7 +87,7 @@ def run_system_demo(
     finally:
         if client is not None:
             client.destroy_node()
-        rclpy.try_shutdown()
+        rclpy.try_shutdown(context=context)
         bring.stop()
         if log:
             log.close()

@@ -90,7 +90,7 @@ def test_parameter_change_takes_effect_on_the_next_frame(system):
 
     def set_param(name, value):
         future = params.set_parameters([Parameter(name, value=value)])
-        rclpy.spin_until_future_complete(system.client, future, timeout_sec=10.0)
+        system.client.spin_until_future_complete(future, timeout=10.0)
         return future.result().results[0]
 
     assert set_param('budget', 48).successful
@@ -122,7 +122,7 @@ def _cloud_rejected(client, timeout=5.0):
     try:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            rclpy.spin_once(client, timeout_sec=0.05)
+            client.drain(0.05)
             for arr in seen:
                 for st in arr.status:
                     if 'sage_cloud' in st.name:
