@@ -77,7 +77,8 @@ def plan(
             args += ['-r', f'__ns:=/{namespace.strip("/")}']
         if name != 'router':
             args += ['--params-file', str(directory / CONFIG_FILE)]
-        for key, value in overrides.items():
+        # Node-qualified overrides last: the last -p of a name wins, and the specific one must.
+        for key, value in sorted(overrides.items(), key=lambda kv: '.' in kv[0]):
             target, _, pname = key.rpartition('.')
             if (target in ('', node)) and pname in known:
                 args += ['-p', f'{pname}:={_ros_value(value)}']

@@ -68,7 +68,8 @@ def load_params(
     if not isinstance(section, dict) or 'ros__parameters' not in section:
         raise KeyError(f'{path} has no ros__parameters for node {node!r}')
     params = dict(section['ros__parameters'])
-    for name, value in (overrides or {}).items():
+    # Node-qualified overrides last, so they win over the unqualified ones.
+    for name, value in sorted((overrides or {}).items(), key=lambda kv: '.' in kv[0]):
         target, _, key = name.rpartition('.')
         if target and target != node:
             continue

@@ -14,7 +14,7 @@ def test_shipped_yaml_is_the_source_of_defaults():
 
 
 def test_overrides_ros_style():
-    ov = parse_overrides(['budget:=48', 'weights:=random', 'sage_cloud.weights:=/x.pth', 'eta:=2'])
+    ov = parse_overrides(['budget:=48', 'sage_cloud.weights:=/x.pth', 'weights:=random', 'eta:=2'])
     edge = load_params('sage_edge', overrides=ov)
     cloud = load_params('sage_cloud', overrides=ov)
     assert edge['budget'] == 48 and edge['weights'] == 'random' and edge['eta'] == 2.0

@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+import yaml
+
 from sage_ros.params import config_path, load_params, parse_overrides
 from sage_ros.transport.zenoh_link import open_session
 
@@ -29,13 +31,28 @@ def run_router(zenoh_config: Path, *, listen: str = '', stop: threading.Event | 
         session.close()
 
 
+def router_params_from_file(path: Path) -> dict:
+    """ros__parameters of the sections of a params file that apply to sage_router."""
+    doc = yaml.safe_load(path.read_text()) or {}
+    out: dict = {}
+    for key, section in doc.items():
+        if key.strip('/').split('/')[-1] in ('sage_router', '**') and isinstance(section, dict):
+            out.update(section.get('ros__parameters', {}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ros_args = argv[argv.index('--ros-args') + 1:] if '--ros-args' in argv else []
     parser = argparse.ArgumentParser(prog='sage_router', description=__doc__)
     parser.add_argument('--config', type=Path, default=None, help='directory holding sage_ros.yaml')
     args = parser.parse_args(argv[: argv.index('--ros-args')] if '--ros-args' in argv else argv)
-    overrides = parse_overrides(ros_args[i + 1] for i, a in enumerate(ros_args) if a == '-p')
+    overrides = {}
+    # `ros2 launch` hands parameters over as a params file; keep the sage_router entries.
+    for i, a in enumerate(ros_args[:-1]):
+        if a == '--params-file':
+            overrides.update(router_params_from_file(Path(ros_args[i + 1])))
+    overrides.update(parse_overrides(ros_args[i + 1] for i, a in enumerate(ros_args) if a == '-p'))
     params = load_params('sage_router', directory=args.config, overrides=overrides)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

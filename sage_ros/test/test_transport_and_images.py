@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+import numpy as np
+import pytest
+from sensor_msgs.msg import CompressedImage, Image
+
+from sage_ros.core import PreprocessError
+from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
+from sage_ros.transport.zenoh_link import reply_key, robot_of, topic_to_key
+
+
+def test_keys_follow_zenoh_bridge_ros2dds():
+    assert topic_to_key('/robot1/sage/patch_set') == 'robot1/sage/patch_set'
+    assert topic_to_key('/sage/patch_set') == 'sage/patch_set'
+    assert reply_key('robot1/sage/patch_set', 'sage/patch_set', 'sage/cloud_result') == 'robot1/sage/cloud_result'
+    assert reply_key('a/b/sage/patch_set', '/sage/patch_set', 'sage/cloud_result') == 'a/b/sage/cloud_result'
+    assert reply_key('sage/patch_set', 'sage/patch_set', 'sage/cloud_result') == 'sage/cloud_result'
+    assert robot_of('fleet/robot7/sage/patch_set', 'sage/patch_set') == 'fleet/robot7'
+    with pytest.raises(ValueError):
+        reply_key('robot1/other', 'sage/patch_set', 'sage/cloud_result')
+    with pytest.raises(ValueError):
+        topic_to_key('/')
+
+
+def test_image_messages_round_trip_every_encoding(real_images):
+    rgb = real_images[0][:101, :77]  # odd sizes
+    for enc in ('rgb8', 'bgr8'):
+        msg = Image(**rgb_to_image_fields(rgb, enc))
+        np.testing.assert_array_equal(image_to_rgb(msg), rgb)
+    mono = image_to_rgb(Image(**rgb_to_image_fields(rgb, 'mono8')))
+    assert mono.shape == rgb.shape
+
+
+def test_padded_rows_are_read_through_step(real_images):
+    rgb = np.ascontiguousarray(real_images[1][:50, :30])
+    padded = np.zeros((50, 30 * 3 + 6), np.uint8)
+    padded[:, :90] = rgb.reshape(50, 90)
+    msg = Image(height=50, width=30, encoding='rgb8', step=96, data=padded.tobytes())
+    np.testing.assert_array_equal(image_to_rgb(msg), rgb)
+
+
+@pytest.mark.parametrize(('fields', 'match'), [
+    ({'height': 10, 'width': 10, 'encoding': 'rgb8', 'step': 30, 'data': bytes(299)}, 'needs'),
+    ({'height': 10, 'width': 10, 'encoding': 'rgb8', 'step': 20, 'data': bytes(300)}, 'step'),
+    ({'height': 0, 'width': 10, 'encoding': 'rgb8', 'step': 30, 'data': b''}, 'empty'),
+    ({'height': 10, 'width': 10, 'encoding': '16UC1', 'step': 20, 'data': bytes(200)}, 'unsupported'),
+    ({'height': 100000, 'width': 100000, 'encoding': 'mono8', 'step': 100000, 'data': b''}, 'exceeds'),
+])
+def test_inconsistent_image_messages_are_refused(fields, match):
+    with pytest.raises(PreprocessError, match=match):
+        image_to_rgb(Image(**fields))
+
+
+def test_compressed_images(real_images):
+    import cv2
+
+    rgb = real_images[2]
+    ok, buf = cv2.imencode('.png', rgb[:, :, ::-1])
+    np.testing.assert_array_equal(compressed_to_rgb(CompressedImage(format='png', data=buf.tobytes())), rgb)
+    with pytest.raises(PreprocessError):
+        compressed_to_rgb(CompressedImage(format='jpeg', data=b'\xff\xd8garbage'))
+    with pytest.raises(PreprocessError):
+        compressed_to_rgb(CompressedImage(format='jpeg', data=b''))
