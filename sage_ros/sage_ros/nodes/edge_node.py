@@ -110,8 +110,11 @@ class EdgeNode(Node):
         self._robot_id = p['robot_id'] or self.get_namespace().strip('/')
         self._boot = secrets.token_hex(2)
         self._seq = itertools.count()
-        self.stats = dict.fromkeys(('received', 'dropped', 'rejected', 'processed', 'edge', 'cloud', 'fallback',
-                                    'late_answers', 'bad_answers', 'truncated'), 0)
+        # dropped: replaced by a newer frame while busy; lost: never reached the node (gaps in
+        # the publishers' sequence numbers: the shallow camera queue overflowed, or the network).
+        self.stats = dict.fromkeys(('received', 'dropped', 'lost', 'rejected', 'processed', 'edge', 'cloud',
+                                    'fallback', 'late_answers', 'bad_answers', 'truncated'), 0)
+        self._last_seq: dict[bytes, int] = {}
 
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._result_pub = self.create_publisher(OffloadResult, p['result_topic'], reliable)
@@ -141,7 +144,7 @@ class EdgeNode(Node):
             self.create_subscription(CloudResult, p['cloud_result_topic'], self._on_answer, reliable, raw=True)
 
         CounterDiagnostics(self, lambda: self.stats, hardware_id=self._robot_id or 'robot',
-                           warn_on=('dropped', 'rejected', 'fallback', 'bad_answers'))
+                           warn_on=('dropped', 'lost', 'rejected', 'fallback', 'bad_answers'))
         self._slot: _Frame | None = None
         self._slot_cv = threading.Condition()
         self._running = True
@@ -157,7 +160,19 @@ class EdgeNode(Node):
         self._params = {**self._params, **{q.name: q.value for q in params}}
 
     # --- input --------------------------------------------------------------------------
-    def _offer(self, frame: _Frame) -> None:
+    def _count_gaps(self, info: Any) -> None:
+        seq = info.get('publication_sequence_number') if isinstance(info, dict) else None
+        gid = (info.get('publisher_gid') or {}).get('data') if isinstance(info, dict) else None
+        if seq is None or gid is None:
+            return
+        key = bytes(gid)
+        last = self._last_seq.get(key)
+        if last is not None and seq > last + 1:
+            self.stats['lost'] += seq - last - 1
+        self._last_seq[key] = seq
+
+    def _offer(self, frame: _Frame, info: Any) -> None:
+        self._count_gaps(info)
         with self._slot_cv:
             self.stats['received'] += 1
             if self._slot is not None:
@@ -165,11 +180,11 @@ class EdgeNode(Node):
             self._slot = frame
             self._slot_cv.notify()
 
-    def _on_image(self, msg: Image) -> None:
-        self._offer(_Frame(msg, msg.header, time.monotonic()))
+    def _on_image(self, msg: Image, info: Any) -> None:
+        self._offer(_Frame(msg, msg.header, time.monotonic()), info)
 
-    def _on_compressed(self, msg: CompressedImage) -> None:
-        self._offer(_Frame(msg, msg.header, time.monotonic()))
+    def _on_compressed(self, msg: CompressedImage, info: Any) -> None:
+        self._offer(_Frame(msg, msg.header, time.monotonic()), info)
 
     def _on_answer(self, data: bytes) -> None:
         try:
