@@ -109,4 +109,80 @@ def run_bench(
         emit(f'  B={b:<4} {ms:7.1f} ms  ({full_ms / ms:.2f}x faster than 196)')
     emit(f'  B=196  {full_ms:7.1f} ms   (target: B=64 at least 2.5x faster: '
          f'{full_ms / figures["server_B64_ms"]:.2f}x)')
+    figures.update(run_transport_bench(crops, outs, emit=emit))
     return figures
+
+
+def run_transport_bench(crops: list, outs: list, *, budgets: tuple[int, ...] = (32, 96), repeat: int = 3,
+                        emit: Callable[[str], None] = print) -> dict[str, float]:
+    """Transport alone, one way: serialize PatchSet + Zenoh put through a router on 127.0.0.1 +
+    deserialize at the subscriber. Same process and clock, so no clock offset enters."""
+    import threading
+
+    import zenoh
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sage_ros_msgs.msg import PatchSet
+
+    from sage_ros.core import Budget, SelectionConfig, plan_offload
+
+    port = _free_port()
+    endpoint = f'tcp/127.0.0.1:{port}'
+
+    def conf(mode: str) -> zenoh.Config:
+        c = zenoh.Config()
+        c.insert_json5('mode', f'"{mode}"')
+        c.insert_json5('listen/endpoints' if mode == 'router' else 'connect/endpoints', f'["{endpoint}"]')
+        c.insert_json5('scouting/multicast/enabled', 'false')
+        return c
+
+    router = zenoh.open(conf('router'))
+    sender, receiver = zenoh.open(conf('client')), zenoh.open(conf('client'))
+    arrived = threading.Event()
+    stamps: dict[str, float] = {}
+
+    def on_sample(sample: zenoh.Sample) -> None:
+        msg = deserialize_message(sample.payload.to_bytes(), PatchSet)
+        stamps['t1'] = time.perf_counter()
+        stamps['n'] = len(msg.payload)
+        arrived.set()
+
+    sub = receiver.declare_subscriber('bench/sage/patch_set', on_sample)
+    pub = sender.declare_publisher('bench/sage/patch_set')
+    time.sleep(0.5)
+    figures: dict[str, float] = {}
+    emit('transport alone (serialize + Zenoh via a router on 127.0.0.1 + deserialize), one way:')
+    emit(f'  {"codec":<8}{"B":>4}{"msg bytes":>11}{"p50 ms":>9}{"p95 ms":>9}')
+    try:
+        for codec in ('raw', 'png', 'jpeg'):
+            for b in budgets:
+                times, sizes = [], []
+                for crop, out in zip(crops, outs):
+                    plan_ = plan_offload(crop, out, Budget(b), SelectionConfig(encoding=codec, quality=90))
+                    msg = PatchSet(request_id='bench/0', indices=plan_.indices.astype(np.uint16),
+                                   encoding=codec, payload=plan_.payload, budget_patches=b)
+                    for _ in range(repeat):
+                        arrived.clear()
+                        t0 = time.perf_counter()
+                        data = serialize_message(msg)
+                        pub.put(data)
+                        if not arrived.wait(5.0):
+                            raise RuntimeError('transport bench: a message did not arrive')
+                        times.append((stamps['t1'] - t0) * 1e3)
+                        sizes.append(len(data))
+                p50, p95 = np.percentile(times, 50), np.percentile(times, 95)
+                figures[f'transport_{codec}_B{b}_p50_ms'] = float(p50)
+                emit(f'  {codec:<8}{b:>4}{np.median(sizes):>11.0f}{p50:>9.2f}{p95:>9.2f}')
+    finally:
+        sub.undeclare()
+        pub.undeclare()
+        for session in (sender, receiver, router):
+            session.close()
+    return figures
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return int(s.getsockname()[1])
