@@ -65,6 +65,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
                   directory=directory)
 
 
+def _cmd_bag(args: argparse.Namespace) -> int:
+    from sage_ros.eval.bags import labeled_images_from_folder, write_image_bag
+
+    items = labeled_images_from_folder(args.images, labels=args.labels, limit=args.limit)
+    n = write_image_bag(items, args.output, storage=args.storage, image_topic=args.image_topic,
+                        label_topic=args.label_topic, rate_hz=args.rate, compressed=args.compressed,
+                        progress=sys.stderr.isatty())
+    labelled = sum(item.label is not None for item in items)
+    kind = 'jpeg CompressedImage' if args.compressed else 'rgb8 Image'
+    print(f'bag: {n} frames ({kind}), {labelled} labelled, {args.storage}, {args.output}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -100,6 +113,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--repeat', type=int, default=20, help='timed repetitions per figure')
     bench.add_argument('--weights', default='random', help='weights of both models (speed does not depend on them)')
     bench.set_defaults(func=_cmd_bench)
+
+    bag = sub.add_parser('bag', help='record a folder of images as a rosbag2 bag with ground-truth labels',
+                         description='One sensor_msgs/Image per image at --rate, and a sage_ros_msgs/FrameLabel '
+                                     'with the same stamp for each labelled one (labels from a file,class_index '
+                                     'CSV, or from the class folders of an ImageNet-style DIR/<wnid>/ tree). '
+                                     'Replay with `ros2 bag play`.')
+    bag.add_argument('images', type=Path, help='folder of images, or of ImageNet class folders (<wnid>/*.JPEG)')
+    bag.add_argument('--labels', type=Path, default=None,
+                     help="labels CSV (default: the folder's or its parent's labels.csv, when present)")
+    bag.add_argument('-o', '--output', type=Path, required=True, help='bag to create (a directory; must not exist)')
+    bag.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap', help='rosbag2 storage (default: mcap)')
+    bag.add_argument('--rate', type=float, default=10.0, help='frames per second of the stamps (default: 10)')
+    bag.add_argument('--compressed', action='store_true',
+                     help='JPEG sensor_msgs/CompressedImage on IMAGE_TOPIC/compressed instead of raw rgb8')
+    bag.add_argument('--limit', type=int, default=0, help='at most this many images (0: all)')
+    bag.add_argument('--image-topic', default='/camera/image_raw', help='camera topic (default: /camera/image_raw)')
+    bag.add_argument('--label-topic', default='/camera/label', help='label topic (default: /camera/label)')
+    bag.set_defaults(func=_cmd_bag)
     return parser
 
 
@@ -107,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (SageError, KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+    except (SageError, KeyError, TypeError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f'sage-ros {args.command}: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
