@@ -35,12 +35,12 @@ def _params(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sage_ros.demo import demo_images, run_demo
+    from sage_ros.demo import demo_images, image_frames, run_demo
 
     edge, cloud = _params(args)
     images = demo_images(args.images, args.limit)
     if args.offline:
-        run_demo(images, edge, cloud)
+        run_demo(image_frames(images), edge, cloud)
         return 0
     from sage_ros.system_demo import run_system_demo
 
@@ -75,6 +75,42 @@ def _cmd_bag(args: argparse.Namespace) -> int:
     labelled = sum(item.label is not None for item in items)
     kind = 'jpeg CompressedImage' if args.compressed else 'rgb8 Image'
     print(f'bag: {n} frames ({kind}), {labelled} labelled, {args.storage}, {args.output}')
+    return 0
+
+
+def _csv(cast):
+    def parse(text: str) -> list:
+        try:
+            return [cast(v) for v in text.split(',') if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a comma-separated list of {cast.__name__}, got {text!r}')
+    return parse
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from sage_ros.core.selection import METHODS
+    from sage_ros.eval.run import run_eval, sweep_config
+
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f'unknown methods {sorted(unknown)}; choose from {", ".join(METHODS)}')
+    edge, cloud = _params(args)
+    cfg = sweep_config(edge, cloud, methods=args.methods, budgets=args.budgets, etas=args.eta, codecs=args.codecs,
+                       quality=args.quality, prefilter_ratios=args.prefilter_ratios, limit=args.limit)
+    run_eval(args.bag, cfg, args.out, cache_path=args.cache, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from sage_ros.eval.replay import replay_live, replay_offline
+
+    edge, cloud = _params(args)
+    if args.live:
+        summary = replay_live(args.bag, rate=args.rate, out=args.out, storage=args.storage,
+                              image_topic=edge['image_topic'], result_topic='/' + edge['result_topic'].lstrip('/'),
+                              limit=args.limit)
+        return 0 if summary['results'] > 0 else 1
+    replay_offline(args.bag, edge, cloud, out=args.out, storage=args.storage, limit=args.limit)
     return 0
 
 
@@ -131,6 +167,41 @@ def build_parser() -> argparse.ArgumentParser:
     bag.add_argument('--image-topic', default='/camera/image_raw', help='camera topic (default: /camera/image_raw)')
     bag.add_argument('--label-topic', default='/camera/label', help='label topic (default: /camera/label)')
     bag.set_defaults(func=_cmd_bag)
+
+    replay = sub.add_parser('replay', help='replay a bag offline through the core, or live onto the running system',
+                            description='Offline (default): every frame straight through the core library at full '
+                                        'speed, no network. --live: publish the frames on the camera topic of a '
+                                        'running system (sage-ros up, or ros2 launch) at the recorded rate times '
+                                        '--rate, and record every OffloadResult.')
+    replay.add_argument('bag', type=Path, help='bag made by sage-ros bag (or any bag with sensor_msgs/Image)')
+    replay.add_argument('--live', action='store_true', help='publish onto the running system instead')
+    replay.add_argument('--rate', type=float, default=1.0,
+                        help='live: multiple of the recorded rate (2 = twice as fast; 0 = one frame at a time)')
+    replay.add_argument('-o', '--out', type=Path, default=None, help='record the OffloadResults into this bag')
+    replay.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap', help='storage of the result bag')
+    replay.add_argument('--limit', type=int, default=0, help='at most this many frames (0: all)')
+    _add_param_args(replay)
+    replay.set_defaults(func=_cmd_replay)
+
+    ev = sub.add_parser('eval', help="sweep methods x budgets x eta over a bag: the paper's tables and plots",
+                        description='Edge outputs are cached per frame and server answers per setting, so a '
+                                    'rerun (or a run after Ctrl-C) only computes what is missing. Writes '
+                                    'results.csv, results.md and PNG plots into --out.')
+    ev.add_argument('bag', type=Path, help='bag made by sage-ros bag (labels on /camera/label)')
+    ev.add_argument('--methods', type=_csv(str), default=['sage', 'attention_topk', 'random', 'uniform_grid'],
+                    help='comma-separated selection methods')
+    ev.add_argument('--budgets', type=_csv(int), default=[32, 48, 64, 96], help='comma-separated budgets B')
+    ev.add_argument('--eta', type=_csv(float), default=[1.0], help='comma-separated gate thresholds')
+    ev.add_argument('--codecs', type=_csv(str), default=['jpeg'], help='comma-separated codecs (raw, png, jpeg)')
+    ev.add_argument('--quality', type=int, default=None, help='JPEG quality (default: jpeg_quality of the config)')
+    ev.add_argument('--prefilter-ratios', type=_csv(float), default=[2.0],
+                    help='SAGE prefilter ratios k to sweep (e.g. 1,1.5,2,3,4)')
+    ev.add_argument('--out', type=Path, required=True, help='output folder')
+    ev.add_argument('--cache', type=Path, default=None, help='cache file (default: OUT/cache.sqlite)')
+    ev.add_argument('--limit', type=int, default=0, help='only the first N frames (0: all)')
+    ev.add_argument('--no-progress', action='store_true', help='no progress bars')
+    _add_param_args(ev)
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -49,14 +49,22 @@ class DemoFrame:
         return self.server_label if self.server_label is not None else self.edge_label
 
 
+def image_frames(images: Iterable[LabeledImage]) -> Iterator[tuple[str, np.ndarray, int | None]]:
+    """(name, RGB, label) of image files, read one at a time."""
+    for item in images:
+        yield item.path.name, read_rgb(item.path), item.label
+
+
 def run_demo(
-    images: list[LabeledImage],
+    frames: Iterable[tuple[str, np.ndarray, int | None]],
     edge_params: dict[str, Any],
     cloud_params: dict[str, Any],
     *,
     emit: Callable[[str], None] = print,
+    on_frame: Callable[[DemoFrame], None] | None = None,
 ) -> list[DemoFrame]:
-    """Classify ``images`` on the edge, offload the uncertain ones, print a line per frame."""
+    """Classify ``frames`` (name, RGB, label) on the edge, offload the uncertain ones with the
+    core library in this process, print a line per frame and a summary."""
     edge_vit = load_vit(edge_params['model'], edge_params['weights'], device=edge_params['device'],
                         num_threads=int(edge_params['num_threads']))
     server_vit = load_vit(cloud_params['model'], cloud_params['weights'], device=cloud_params['device'])
@@ -69,9 +77,8 @@ def run_demo(
     eta, metric = float(edge_params['eta']), edge_params['gate_metric']
     emit(f'edge {edge_vit.name} | server {server_vit.name} | gate {metric} >= {eta} | '
          f'method {config.method} B={budget.patches} | codec {config.encoding}')
-    frames = []
-    for item in images:
-        rgb = read_rgb(item.path)
+    done = []
+    for name, rgb, truth in frames:
         crop, _ = resize_crop(rgb, input_size=edge_vit.input_size, crop_pct=crop_pct,
                               interpolation=edge_vit.interpolation)
         t0 = time.perf_counter()
@@ -89,12 +96,14 @@ def run_demo(
             server_ms = (time.perf_counter() - t1) * 1e3
             s_label, s_conf = int(np.argmax(probs)), float(probs.max())
             indices, nbytes, cov = plan.indices, plan.num_bytes, plan.coverage_7x7
-        frame = DemoFrame(item.path.name, item.label, int(top[0]), float(conf[0]), score, offload, indices,
+        frame = DemoFrame(name, truth, int(top[0]), float(conf[0]), score, offload, indices,
                           nbytes, cov, s_label, s_conf, edge_ms, server_ms)
-        frames.append(frame)
+        done.append(frame)
+        if on_frame:
+            on_frame(frame)
         emit(format_frame(frame, metric))
-    emit(format_summary(frames))
-    return frames
+    emit(format_summary(done))
+    return done
 
 
 def format_frame(f: DemoFrame, metric: str) -> str:

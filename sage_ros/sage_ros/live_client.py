@@ -67,11 +67,15 @@ class LiveClient(Node):
         self._executor.shutdown()
         super().destroy_node()
 
-    def publish(self, rgb: np.ndarray, *, encoding: str = 'rgb8', frame_id: str = 'camera') -> int:
-        """Publish one frame now; returns its stamp (ns), the key of its result."""
+    def publish(self, rgb: np.ndarray, *, encoding: str = 'rgb8', frame_id: str = 'camera',
+                stamp: int | None = None) -> int:
+        """Publish one frame now (stamped now, or ``stamp`` in ns); returns the stamp, the key of its result."""
         msg = Image(**rgb_to_image_fields(rgb, encoding))
         msg.header.frame_id = frame_id
-        msg.header.stamp = self.get_clock().now().to_msg()
+        if stamp is None:
+            msg.header.stamp = self.get_clock().now().to_msg()
+        else:
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(stamp), 10**9)
         self._pub.publish(msg)
         return stamp_ns(msg.header.stamp)
 
