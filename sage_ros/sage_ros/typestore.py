@@ -9,7 +9,7 @@ from pathlib import Path
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from rosbags.typesys.store import Typestore
 
-MSG_NAMES = ('PatchSet', 'CloudResult', 'OffloadResult', 'FrameLabel')
+MSG_NAMES = ('PatchSet', 'CloudResult', 'OffloadResult', 'FrameLabel', 'BudgetStatus')
 
 
 def msg_dir() -> Path:

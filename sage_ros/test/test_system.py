@@ -33,6 +33,7 @@ BUDGET, BYTE_BUDGET, DEADLINE_MS = 64, 6000, 3000.0
 def system(ros_env, imagenet_dir, tmp_path_factory):
     endpoint = f'tcp/127.0.0.1:{free_port()}'
     overrides = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'budget': BUDGET,
+                 'budget_mode': 'fixed',
                  'byte_budget': BYTE_BUDGET, 'deadline_ms': DEADLINE_MS, 'codec': 'jpeg'}
     log = (tmp_path_factory.mktemp('system') / 'nodes.log').open('w')
     bring = Bringup(plan('both', overrides=overrides), log=log)

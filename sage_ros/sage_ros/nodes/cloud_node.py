@@ -70,7 +70,7 @@ class CloudNode(Node):
         if self._vit.random_weights:
             self.get_logger().warning(f'server model {p["model"]} runs with RANDOM weights ({self._vit.weights}): '
                                       'labels are meaningless')
-        self.stats = dict.fromkeys(('received', 'answered', 'rejected', 'shed', 'errors'), 0)
+        self.stats = dict.fromkeys(('received', 'answered', 'rejected', 'shed', 'errors', 'probes'), 0)
         self._queue: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()
         self._zenoh = None
@@ -152,6 +152,11 @@ class CloudNode(Node):
             msg = deserialize_message(req.data, PatchSet)
         except Exception as exc:  # rclpy raises several types on bad CDR
             self._reject(req, f'malformed CDR: {exc}')
+            return
+        if msg.method == PatchSet.METHOD_PROBE:
+            # Link probes measure the robot's uplink: answer at once, no model.
+            self.stats['probes'] += 1
+            self._send(req, self._answer(req, msg, CloudResult.STATUS_PROBE, 'probe'))
             return
         indices = np.asarray(msg.indices, dtype=np.int64)
         try:

@@ -17,7 +17,9 @@ class CounterDiagnostics:
     """Publish ``stats`` every ``period`` s; WARN when any of ``warn_on`` grew since the last."""
 
     def __init__(self, node: Node, stats: Callable[[], dict[str, int]], *, hardware_id: str,
-                 warn_on: tuple[str, ...] = (), period: float = 1.0) -> None:
+                 warn_on: tuple[str, ...] = (), period: float = 1.0,
+                 extra: Callable[[], DiagnosticStatus] | None = None) -> None:
+        self._extra = extra
         self._node = node
         self._stats = stats
         self._hardware_id = hardware_id
@@ -37,6 +39,6 @@ class CounterDiagnostics:
             hardware_id=self._hardware_id,
             values=[KeyValue(key=k, value=str(v)) for k, v in now.items()],
         )
-        msg = DiagnosticArray(status=[status])
+        msg = DiagnosticArray(status=[status] + ([self._extra()] if self._extra else []))
         msg.header.stamp = self._node.get_clock().now().to_msg()
         self._pub.publish(msg)

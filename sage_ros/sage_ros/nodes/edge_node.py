@@ -22,7 +22,9 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import deserialize_message, serialize_message
-from sage_ros_msgs.msg import CloudResult, OffloadResult, PatchSet
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
+from sage_ros_msgs.msg import BudgetStatus, CloudResult, OffloadResult, PatchSet
 from sensor_msgs.msg import CompressedImage, Image
 
 from sage_ros.core import (
@@ -38,6 +40,7 @@ from sage_ros.core import (
 )
 from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import GATE_METRICS
+from sage_ros.core.link import BudgetController, UplinkMonitor
 from sage_ros.core.labels import class_name
 from sage_ros.core.preprocess import CropMap
 from sage_ros.core.selection import METHODS
@@ -68,7 +71,14 @@ SPECS = {
     'gate_metric': Spec('uncertainty metric of the gate', choices=tuple(GATE_METRICS)),
     'eta': Spec('offload when uncertainty >= eta', float_range=(0.0, 1000.0)),
     'method': Spec('patch selection method', choices=METHODS),
-    'budget': Spec('hard budget B, patches per request', int_range=(1, 196)),
+    'budget_topic': Spec('BudgetStatus output topic', read_only=True),
+    'budget_mode': Spec('auto (bandwidth monitor) or fixed (the budget parameter)', choices=('auto', 'fixed')),
+    'budget': Spec('hard budget B, patches per request (fixed mode)', int_range=(1, 196)),
+    'budget_min': Spec('smallest budget in auto mode', int_range=(1, 196)),
+    'budget_max': Spec('largest budget in auto mode', int_range=(1, 196)),
+    'budget_safety': Spec('share of the deadline a request may plan to use', float_range=(0.1, 1.0)),
+    'probe_interval_s': Spec('probe the link after this long without an answer', float_range=(0.1, 3600.0)),
+    'probe_bytes': Spec('payload of the throughput probe', int_range=(64, 1_000_000)),
     'byte_budget': Spec('hard budget, payload bytes per request (0 = off)', int_range=(0, 10_000_000)),
     'prefilter_ratio': Spec('SAGE prefilter ratio k', float_range=(1.0, 196.0)),
     'seed': Spec('seed of the random method', int_range=(0, 2**31 - 1)),
@@ -100,6 +110,7 @@ class EdgeNode(Node):
         super().__init__('sage_edge', **kwargs)
         self._params = declare(self, 'sage_edge', SPECS)
         self.add_on_set_parameters_callback(validator(SPECS))
+        self.add_on_set_parameters_callback(self._check_budget_bounds)
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
         self._vit = load_vit(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
@@ -113,7 +124,8 @@ class EdgeNode(Node):
         # dropped: replaced by a newer frame while busy; lost: never reached the node (gaps in
         # the publishers' sequence numbers: the shallow camera queue overflowed, or the network).
         self.stats = dict.fromkeys(('received', 'dropped', 'lost', 'rejected', 'processed', 'edge', 'cloud',
-                                    'fallback', 'late_answers', 'bad_answers', 'truncated'), 0)
+                                    'fallback', 'suspended', 'late_answers', 'bad_answers', 'truncated'), 0)
+        self._misses_reported = 0
         self._last_seq: dict[bytes, int] = {}
 
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -143,8 +155,13 @@ class EdgeNode(Node):
             self._send = req_pub.publish  # serialized bytes are published as they are
             self.create_subscription(CloudResult, p['cloud_result_topic'], self._on_answer, reliable, raw=True)
 
+        self._monitor = self._new_monitor(p)
+        self._budget_pub = self.create_publisher(BudgetStatus, p['budget_topic'], reliable)
+        self._last_budget_state: tuple = ()
+        self.create_timer(0.25, self._tick_link)
         CounterDiagnostics(self, lambda: self.stats, hardware_id=self._robot_id or 'robot',
-                           warn_on=('dropped', 'lost', 'rejected', 'fallback', 'bad_answers'))
+                           warn_on=('dropped', 'lost', 'rejected', 'fallback', 'bad_answers'),
+                           extra=self._link_status)
         self._slot: _Frame | None = None
         self._slot_cv = threading.Condition()
         self._running = True
@@ -152,12 +169,91 @@ class EdgeNode(Node):
         self._worker.start()
         self.get_logger().info(
             f'ready: {p["model"]} ({self._vit.weights}), gate {p["gate_metric"]} >= {p["eta"]}, '
-            f'{p["method"]} B={p["budget"]}, codec {p["codec"]}, transport {p["transport"]}')
+            f'{p["method"]} B={p["budget"] if p["budget_mode"] == "fixed" else "auto"}, codec {p["codec"]}, '
+            f'transport {p["transport"]}')
 
     # --- parameters -------------------------------------------------------------------------
+    def _check_budget_bounds(self, params: list[Parameter]) -> SetParametersResult:
+        new = {**self._params, **{q.name: q.value for q in params}}
+        if new['budget_min'] > new['budget_max']:
+            return SetParametersResult(successful=False, reason='budget_min must be <= budget_max')
+        return SetParametersResult(successful=True)
+
     def _on_params_set(self, params: list[Parameter]) -> None:
         # One new dict, swapped in whole: the worker reads a consistent snapshot per frame.
         self._params = {**self._params, **{q.name: q.value for q in params}}
+        link_params = {'deadline_ms', 'budget_min', 'budget_max', 'budget_safety', 'probe_interval_s', 'probe_bytes'}
+        if link_params & {q.name for q in params}:
+            c, p = self._monitor.controller, self._params
+            c.deadline_s, c.budget_min, c.budget_max = p['deadline_ms'] / 1e3, p['budget_min'], p['budget_max']
+            c.safety = p['budget_safety']
+            c.budget = min(max(c.budget, c.budget_min), c.budget_max)
+            self._monitor.probe_interval_s, self._monitor.probe_bytes = p['probe_interval_s'], p['probe_bytes']
+
+    @staticmethod
+    def _new_monitor(p: dict[str, Any]) -> UplinkMonitor:
+        controller = BudgetController(deadline_s=p['deadline_ms'] / 1e3, budget_min=p['budget_min'],
+                                      budget_max=p['budget_max'], safety=p['budget_safety'])
+        return UplinkMonitor(controller, probe_interval_s=p['probe_interval_s'], probe_bytes=p['probe_bytes'])
+
+    # --- link -------------------------------------------------------------------------------
+    def _budget_now(self, p: dict[str, Any]) -> int:
+        """Budget for this frame: the monitor's in auto mode (0 = suspended), else the parameter."""
+        return self._monitor.budget if p['budget_mode'] == 'auto' else p['budget']
+
+    def _tick_link(self) -> None:
+        p = self._params
+        if p['budget_mode'] == 'auto':
+            size = self._monitor.probe_due()
+            if size:
+                self._send_probe(size)
+        m, c = self._monitor, self._monitor.controller
+        state = (self._budget_now(p), p['budget_mode'], c.suspended, round(m.link.throughput_bps, -2),
+                 m.deadline_misses)
+        if state != self._last_budget_state:
+            self._last_budget_state = state
+            self._budget_pub.publish(self._budget_status(p))
+
+    def _budget_status(self, p: dict[str, Any]) -> BudgetStatus:
+        m, c = self._monitor, self._monitor.controller
+        msg = BudgetStatus(budget=self._budget_now(p), mode=p['budget_mode'],
+                           suspended=p['budget_mode'] == 'auto' and c.suspended,
+                           throughput_bps=float(m.link.throughput_bps), base_rtt_ms=m.link.base_rtt_s * 1e3,
+                           bytes_per_patch=float(c.bytes_per_patch), deadline_ms=float(p['deadline_ms']),
+                           budget_min=c.budget_min, budget_max=c.budget_max, answered=m.answered_count,
+                           deadline_misses=m.deadline_misses, probes=m.probes)
+        msg.header.stamp = self.get_clock().now().to_msg()
+        return msg
+
+    def _send_probe(self, size: int) -> None:
+        rid = f'{self._robot_id or "robot"}/{self._boot}-probe{self._monitor.probes}'
+        probe = PatchSet(request_id=rid, robot_id=self._robot_id, method=PatchSet.METHOD_PROBE, encoding='raw',
+                         payload=bytes(size))
+        data = serialize_message(probe)
+        self._monitor.sent(rid, request_bytes=len(data), patches=0, payload_bytes=size)
+        try:
+            self._send(data)
+        except Exception as exc:
+            self.get_logger().warning(f'probe not sent: {exc}', throttle_duration_sec=5.0)
+
+    def _link_status(self) -> DiagnosticStatus:
+        p = self._params
+        m, c = self._monitor, self._monitor.controller
+        if p['budget_mode'] == 'auto' and c.suspended:
+            level, text = DiagnosticStatus.ERROR, 'offloading suspended: even budget_min misses the deadline'
+        elif m.deadline_misses > self._misses_reported or (p['budget_mode'] == 'auto' and c.budget <= c.budget_min):
+            level, text = DiagnosticStatus.WARN, 'deadline misses' if m.deadline_misses > self._misses_reported \
+                else 'budget at its minimum'
+        else:
+            level, text = DiagnosticStatus.OK, 'ok'
+        self._misses_reported = m.deadline_misses
+        values = {'budget': self._budget_now(p), 'mode': p['budget_mode'], 'throughput_kbit_s':
+                  f'{m.link.throughput_bps * 8 / 1e3:.1f}', 'base_rtt_ms': f'{m.link.base_rtt_s * 1e3:.1f}',
+                  'bytes_per_patch': f'{c.bytes_per_patch:.0f}', 'answered': m.answered_count,
+                  'deadline_misses': m.deadline_misses, 'probes': m.probes, 'suspended': c.suspended}
+        return DiagnosticStatus(level=level, name=f'{self.get_fully_qualified_name()}: link', message=text,
+                                hardware_id=self._robot_id or 'robot',
+                                values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
 
     # --- input --------------------------------------------------------------------------
     def _count_gaps(self, info: Any) -> None:
@@ -193,7 +289,12 @@ class EdgeNode(Node):
             self.stats['bad_answers'] += 1
             self.get_logger().warning(f'malformed cloud answer ({len(data)} B): {exc}', throttle_duration_sec=5.0)
             return
+        server_s = max(0.0, (answer.sent_stamp.sec - answer.received_stamp.sec)
+                       + (answer.sent_stamp.nanosec - answer.received_stamp.nanosec) / 1e9)
         with self._lock:
+            self._monitor.answered(answer.request_id, server_s)
+            if answer.status == CloudResult.STATUS_PROBE:
+                return
             pending = self._pending.get(answer.request_id)
             if pending is not None:
                 pending.answer = answer
@@ -225,8 +326,9 @@ class EdgeNode(Node):
         self.stats['processed'] += 1
         seq = next(self._seq)
         request_id = f'{self._robot_id or "robot"}/{self._boot}-{seq}'
+        budget = self._budget_now(p)
         result = OffloadResult(header=frame.header, request_id=request_id, sequence=seq,
-                               method=p['method'], budget_patches=p['budget'],
+                               method=p['method'], budget_patches=budget,
                                random_weights=self._vit.random_weights)
         try:
             crop, cmap = resize_crop(rgb, input_size=self._vit.input_size, crop_pct=self._crop_pct,
@@ -246,20 +348,28 @@ class EdgeNode(Node):
             result.source = OffloadResult.SOURCE_EDGE
             self._publish(result, frame)
             return
+        if budget == 0:
+            self.stats['suspended'] += 1
+            self._fallback(result, frame, 'link too slow: offloading suspended')
+            return
         try:
-            plan = plan_offload(crop, edge, Budget(p['budget'], p['byte_budget']), selection_config(p))
+            plan = plan_offload(crop, edge, Budget(budget, p['byte_budget']), selection_config(p))
         except SageError as exc:
             self._fallback(result, frame, f'selection failed: {exc}')
             return
         self.stats['truncated'] += plan.truncated_by_method
         self._publish_debug(rgb, cmap, plan.indices, frame.header)
-        request = self._request(result, frame, cmap, plan, edge, top, conf, p)
+        request = self._request(result, frame, cmap, plan, edge, top, conf, p, budget)
         result.patches_sent, result.bytes_sent = int(plan.indices.size), plan.num_bytes
         pending = _Pending(threading.Event())
         with self._lock:
             self._pending[request_id] = pending
         try:
-            self._send(serialize_message(request))
+            data = serialize_message(request)
+            with self._lock:
+                self._monitor.sent(request_id, request_bytes=len(data), patches=int(plan.indices.size),
+                                   payload_bytes=plan.num_bytes, edge_s=time.monotonic() - frame.received)
+            self._send(data)
             remaining = p['deadline_ms'] / 1e3 - (time.monotonic() - frame.received)
             pending.event.wait(max(0.0, remaining))
         except Exception as exc:  # transport errors fall back; the frame still gets its answer
@@ -269,6 +379,8 @@ class EdgeNode(Node):
                 self._pending.pop(request_id, None)
         answer = pending.answer
         if answer is None:
+            with self._lock:
+                self._monitor.missed(request_id)
             self._fallback(result, frame, 'timeout')
         elif answer.status != CloudResult.STATUS_OK or not len(answer.labels):
             status = {CloudResult.STATUS_BUSY: 'busy', CloudResult.STATUS_REJECTED: 'rejected'}.get(
@@ -281,7 +393,7 @@ class EdgeNode(Node):
             result.random_weights = result.random_weights or answer.server_weights.startswith('random')
             self._publish(result, frame)
 
-    def _request(self, result, frame, cmap: CropMap, plan, edge, top, conf, p) -> PatchSet:
+    def _request(self, result, frame, cmap: CropMap, plan, edge, top, conf, p, budget: int) -> PatchSet:
         now = self.get_clock().now().to_msg()
         return PatchSet(
             header=frame.header, request_id=result.request_id, robot_id=self._robot_id,
@@ -290,7 +402,7 @@ class EdgeNode(Node):
             resized_width=cmap.resized_width, resized_height=cmap.resized_height,
             crop_x=cmap.crop_x, crop_y=cmap.crop_y, input_size=cmap.input_size,
             patch_size=self._vit.patch_size, grid_rows=self._vit.grid[0], grid_cols=self._vit.grid[1],
-            budget_patches=p['budget'], budget_bytes=p['byte_budget'], method=p['method'],
+            budget_patches=budget, budget_bytes=p['byte_budget'], method=p['method'],
             prefilter_ratio=float(p['prefilter_ratio']), indices=plan.indices.astype(np.uint16),
             encoding=plan.encoding, quality=plan.quality, payload=plan.payload,
             edge_model=self._vit.name, edge_weights=self._vit.weights,
