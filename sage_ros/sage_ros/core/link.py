@@ -100,7 +100,7 @@ class BudgetController:
     budget_max: int = 96
     safety: float = 0.85
     """Fraction of the deadline the plan may use; the rest absorbs jitter."""
-    rise_after: int = 3
+    rise_after: int = 2
     """Consecutive requests that must allow a larger budget before it is raised."""
     rise_step: float = 0.25
     """Largest relative raise per step."""
@@ -144,6 +144,11 @@ class BudgetController:
             if self.fits(b, link, edge_s):
                 return b
         return 0
+
+    def back_off(self) -> None:
+        """Halve the budget (a missed deadline), never below the minimum."""
+        if not self.suspended:
+            self.budget, self._ups = max(self.budget_min, self.budget // 2), 0
 
     def update(self, link: LinkEstimator, edge_s: float) -> int:
         """Recompute after new evidence; returns the budget for the next request (0 = suspend)."""
@@ -194,6 +199,7 @@ class UplinkMonitor:
         self._sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()
         self._edge_s = 0.0
         self._last_evidence = self._clock()
+        self._last_answer_t = float('-inf')
         self._probe_small = True
         self.answered_count = 0
         self.deadline_misses = 0
@@ -219,19 +225,27 @@ class UplinkMonitor:
         s = self._sent.pop(request_id, None)
         if s is None:
             return None
-        ex = Exchange(s.request_bytes, s.patches, s.payload_bytes, self._clock() - s.t, server_s)
+        now = self._clock()
+        # A request sent while an earlier one still held the link only started to move when
+        # that one was through: time it from there, or queueing would read as a slow link.
+        start = max(s.t, self._last_answer_t)
+        self._last_answer_t = now
+        ex = Exchange(s.request_bytes, s.patches, s.payload_bytes, now - start, server_s)
         self.answered_count += 1
         self._learn(ex)
         return ex
 
     def missed(self, request_id: str) -> None:
-        """No answer by the deadline: the link took at least this long, so it is at most this fast."""
+        """No answer by the deadline. The link took at least this long, so it is at most this
+        fast; and whatever the estimate says, the budget halves at once (the request still
+        occupies the link, and the next one queues behind it)."""
         s = self._sent.get(request_id)
         if s is None:
             return
         self.deadline_misses += 1
         waited = self._clock() - s.t
         self._learn(Exchange(s.request_bytes, 0, s.payload_bytes, waited, self.link.server_time_s(s.patches)))
+        self.controller.back_off()
 
     def _learn(self, ex: Exchange) -> None:
         self._last_evidence = self._clock()
