@@ -114,6 +114,17 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from sage_ros.transport.security import write_deployment
+
+    files = write_deployment(args.out, robots=args.robots, cloud_hosts=args.cloud_host, port=args.port)
+    print(f'wrote a CA, certificates, keys (0600), credentials and Zenoh configs to {args.out}:')
+    for name, path in files.items():
+        print(f'  {name:<16} {path}')
+    print('Keep *.key, credentials.txt and *_usrpwd.json5 private; give each robot only its own files and ca.pem.')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -182,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument('--limit', type=int, default=0, help='at most this many frames (0: all)')
     _add_param_args(replay)
     replay.set_defaults(func=_cmd_replay)
+
+    certs = sub.add_parser('certs', help='make a TLS deployment: CA, certificates, credentials, Zenoh configs with ACL',
+                           description='Writes ca.pem, a certificate and key for the cloud and each robot, a '
+                                       'credentials file, and Zenoh configs: the router (mutual TLS + access '
+                                       'control: each robot may only send its own requests and read its own '
+                                       'answers), the cloud node, each robot; *_usrpwd.json5 variants use '
+                                       'user/password instead of client certificates.')
+    certs.add_argument('--robots', type=_csv(str), required=True, help='comma-separated robot ids (= namespaces)')
+    certs.add_argument('--cloud-host', action='append', required=True,
+                       help='DNS name or IP the robots use to reach the cloud (repeatable)')
+    certs.add_argument('--port', type=int, default=7447, help='router TLS port')
+    certs.add_argument('--out', type=Path, required=True, help='output folder (keep it private)')
+    certs.set_defaults(func=_cmd_certs)
 
     ev = sub.add_parser('eval', help="sweep methods x budgets x eta over a bag: the paper's tables and plots",
                         description='Edge outputs are cached per frame and server answers per setting, so a '

@@ -1,0 +1,150 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Mutual TLS, user/password and access control on 127.0.0.1 with generated certificates."""
+
+from __future__ import annotations
+
+import json
+import stat
+import time
+
+import pytest
+import zenoh
+
+from sage_ros.bringup import Bringup, plan
+from sage_ros.cli import main
+from sage_ros.live_client import LiveClient
+from sage_ros.system_demo import free_port
+from sage_ros.transport.security import write_deployment
+
+
+@pytest.fixture(scope='module')
+def deployment(tmp_path_factory):
+    port = free_port()
+    out = tmp_path_factory.mktemp('deploy')
+    files = write_deployment(out, robots=['robot1', 'robot2'], cloud_hosts=['127.0.0.1', 'localhost'], port=port)
+    other = write_deployment(tmp_path_factory.mktemp('other'), robots=['robot1'], cloud_hosts=['127.0.0.1'],
+                             port=port)
+    return {'files': files, 'other': other, 'port': port, 'dir': out}
+
+
+def _conf(path, port, **extra):
+    c = zenoh.Config.from_file(str(path))
+    c.insert_json5('connect/endpoints', f'["tls/127.0.0.1:{port}"]')
+    c.insert_json5('connect/timeout_ms', '3000')
+    for k, v in extra.items():
+        c.insert_json5(k, json.dumps(v))
+    return c
+
+
+def _router(path, port):
+    c = zenoh.Config.from_file(str(path))
+    c.insert_json5('listen/endpoints', f'["tls/127.0.0.1:{port}"]')
+    return zenoh.open(c)
+
+
+def _refused(conf) -> bool:
+    try:
+        zenoh.open(conf).close()
+    except zenoh.ZError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize('auth', ['mtls', 'usrpwd'])
+def test_only_valid_robots_connect_and_each_sees_only_its_own_traffic(deployment, auth):
+    f, port = deployment['files'], deployment['port']
+    sfx = '' if auth == 'mtls' else '_usrpwd'
+    router = _router(f['router' + sfx], port)
+    sessions = []
+    try:
+        cloud = zenoh.open(_conf(f['cloud' + sfx], port))
+        sessions.append(cloud)
+        seen = []
+
+        def serve(sample):
+            key = str(sample.key_expr)
+            seen.append((key, sample.payload.to_bytes()))
+            cloud.put(key.split('/')[0] + '/sage/cloud_result', b'answer:' + sample.payload.to_bytes())
+
+        cloud.declare_subscriber('**/sage/patch_set', serve)
+        r1, r2 = (zenoh.open(_conf(f[name + sfx], port)) for name in ('robot1', 'robot2'))
+        sessions += [r1, r2]
+        got1, got2, spied = [], [], []
+        r1.declare_subscriber('robot1/sage/cloud_result', lambda s: got1.append(s.payload.to_bytes()))
+        r2.declare_subscriber('robot2/sage/cloud_result', lambda s: got2.append(s.payload.to_bytes()))
+        r1.declare_subscriber('robot2/sage/cloud_result', lambda s: spied.append(s.payload.to_bytes()))
+        time.sleep(1.0)
+        r1.declare_publisher('robot1/sage/patch_set').put(b'r1')  # as the edge node sends
+        r2.put('robot2/sage/patch_set', b'r2')
+        r1.put('robot2/sage/patch_set', b'forged')  # robot1 pretending to be robot2
+        time.sleep(1.5)
+        assert sorted(seen) == [('robot1/sage/patch_set', b'r1'), ('robot2/sage/patch_set', b'r2')]
+        assert got1 == [b'answer:r1'] and got2 == [b'answer:r2']
+        assert spied == []  # robot1 cannot read robot2's results
+
+        # Refused at the door: no credentials, a certificate of another CA, a wrong password.
+        anon = zenoh.Config()
+        anon.insert_json5('mode', '"client"')
+        anon.insert_json5('connect/endpoints', f'["tls/127.0.0.1:{port}"]')
+        anon.insert_json5('connect/timeout_ms', '3000')
+        anon.insert_json5('transport/link/tls/root_ca_certificate', json.dumps(str(f['ca'])))
+        assert _refused(anon)
+        if auth == 'mtls':
+            assert _refused(_conf(deployment['other']['robot1'], port))
+        else:
+            assert _refused(_conf(f['robot1_usrpwd'], port, **{'transport/auth/usrpwd/password': 'wrong'}))
+            assert _refused(_conf(f['robot1_usrpwd'], port, **{'transport/auth/usrpwd/user': 'robot9'}))
+        # The cloud kept serving the valid robot throughout.
+        r1.put('robot1/sage/patch_set', b'again')
+        time.sleep(1.0)
+        assert got1 == [b'answer:r1', b'answer:again']
+    finally:
+        for s in sessions:
+            s.close()
+        router.close()
+
+
+def test_deployment_files_keep_secrets_private(deployment):
+    d = deployment['dir']
+    for key in d.glob('*.key'):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    for name in ('credentials.txt', 'zenoh_robot1_usrpwd.json5', 'zenoh_cloud_usrpwd.json5'):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600
+    router = json.loads((d / 'zenoh_router.json5').read_text())
+    assert router['access_control']['default_permission'] == 'deny'
+    assert router['transport']['link']['tls']['enable_mtls'] is True
+
+
+def test_certs_cli(tmp_path, capsys):
+    assert main(['certs', '--robots', 'r1', '--cloud-host', 'cloud.example.org', '--out', str(tmp_path)]) == 0
+    assert (tmp_path / 'r1.pem').is_file() and 'Keep *.key' in capsys.readouterr().out
+    assert main(['certs', '--robots', 'a/b', '--cloud-host', 'x', '--out', str(tmp_path / 'bad')]) == 2
+
+
+def test_nodes_over_mutual_tls(deployment, ros_env, imagenet_dir, tmp_path):
+    """The real router, cloud node and edge node with the generated configs."""
+    from sage_ros.images import list_images, read_rgb
+
+    f = deployment['files']
+    port = free_port()
+    endpoint = f'tls/127.0.0.1:{port}'
+    overrides = {'weights': 'random', 'budget_mode': 'fixed', 'sage_router.zenoh_config': str(f['router']),
+                 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'sage_cloud.zenoh_config': str(f['cloud']),
+                 'sage_edge.zenoh_config': str(f['robot1']),
+                 'sage_edge.image_topic': 'camera/image_raw'}
+    log = (tmp_path / 'nodes.log').open('w')
+    bring = Bringup(plan('both', namespace='robot1', overrides=overrides), log=log)
+    client = None
+    try:
+        bring.start()
+        bring.wait_ready()
+        client = LiveClient(image_topic='/robot1/camera/image_raw', result_topic='/robot1/sage/result',
+                            name='tls_client')
+        assert client.wait_for_edge()
+        res = client.classify(read_rgb(list_images(imagenet_dir / 'images', limit=1)[0].path), timeout=20)
+        assert res is not None and res.source == 1, res and res.detail  # answered by the cloud over TLS
+    finally:
+        if client is not None:
+            client.destroy_node()
+        bring.stop()
+        log.close()
