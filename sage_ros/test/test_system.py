@@ -339,6 +339,69 @@ def test_live_replay_of_a_bag_records_every_result(system, imagenet_dir, tmp_pat
     assert all(0 < r.patches_sent <= BUDGET for r in recorded)
 
 
+def test_bad_camera_frames_are_skipped_counted_and_the_edge_keeps_working(system):
+    from sensor_msgs.msg import Image
+
+    client = system.client
+    params = AsyncParameterClient(client, 'sage_edge')
+    assert params.wait_for_services(timeout_sec=10.0)
+    future = params.set_parameters([Parameter('max_frame_age_s', value=5.0)])
+    client.spin_until_future_complete(future, timeout=10.0)
+    before = _stats(client, '/sage_edge')
+    bad = [
+        Image(height=10, width=10, encoding='bayer_rggb16', step=20, data=bytes(200)),  # unsupported
+        Image(height=0, width=0, encoding='rgb8', step=0, data=b''),  # empty
+        Image(height=100, width=100, encoding='rgb8', step=300, data=bytes(1000)),  # data shorter than declared
+        Image(height=100, width=100, encoding='rgb8', step=100, data=bytes(30000)),  # step < width * 3
+        Image(height=100000, width=100000, encoding='mono8', step=100000, data=bytes(10)),  # absurd size
+    ]
+    for msg in bad:
+        msg.header.stamp = client.get_clock().now().to_msg()
+        client._pub.publish(msg)
+        client.drain(0.3)  # one at a time: none is dropped as stale-by-newer
+    stale = Image(height=8, width=8, encoding='rgb8', step=24, data=bytes(192))
+    stale.header.stamp.sec = int(client.get_clock().now().nanoseconds // 10**9) - 60
+    client._pub.publish(stale)
+    client.drain(0.5)
+    try:
+        res = client.classify(system.images[7], timeout=20)
+        assert res is not None and res.source == OffloadResult.SOURCE_CLOUD
+        after = _stats(client, '/sage_edge')
+        assert after['rejected'] - before['rejected'] == len(bad)
+        assert after['stale'] - before['stale'] == 1
+        assert not system.bring.dead()
+    finally:
+        future = params.set_parameters([Parameter('max_frame_age_s', value=0.0)])
+        client.spin_until_future_complete(future, timeout=10.0)
+
+
+def test_overload_is_shed_oldest_first_with_busy_answers(system):
+    """A burst far above what the model sustains: every valid request is answered, OK or BUSY,
+    and the queue never grows past max_queue."""
+    n = 40
+    answers = []
+    session = zenoh.open(_client_config(system.endpoint))
+    sub = session.declare_subscriber('flood/sage/cloud_result', lambda s: answers.append(
+        deserialize_message(s.payload.to_bytes(), CloudResult)))
+    try:
+        time.sleep(0.5)
+        for i in range(n):
+            session.put('flood/sage/patch_set', serialize_message(_valid_request('flood', f'flood/{i}')))
+        end = time.monotonic() + 60
+        while len(answers) < n and time.monotonic() < end:
+            time.sleep(0.1)
+    finally:
+        sub.undeclare()
+        session.close()
+    ids = [a.request_id for a in answers]
+    assert sorted(ids) == sorted(f'flood/{i}' for i in range(n))  # exactly one answer each
+    busy = [int(a.request_id.split('/')[1]) for a in answers if a.status == CloudResult.STATUS_BUSY]
+    ok = [int(a.request_id.split('/')[1]) for a in answers if a.status == CloudResult.STATUS_OK]
+    assert busy and ok and len(ok) + len(busy) == n
+    assert min(ok[1:] or [n]) > max(busy) - 9  # the oldest were shed; the newest were served
+    assert _stats(system.client, '/sage_cloud')['queued'] <= 8
+
+
 def test_cloud_or_router_loss_falls_back_and_recovers_without_restarting_the_edge(system):
     client = system.client
     edge_pid = next(p.popen.pid for p in system.bring.procs if p.name == 'edge')

@@ -100,7 +100,11 @@ def classify_patches(
 ) -> np.ndarray:
     """Cloud side: decode a request's patches and return the server's softmax over classes."""
     idx = np.asarray(indices, dtype=np.int64)
-    patches = decode_patches(payload, encoding, int(idx.size), patch=vit.patch_size)
+    return classify_decoded(vit, decode_patches(payload, encoding, int(idx.size), patch=vit.patch_size), idx)
+
+
+def classify_decoded(vit: VitModel, patches: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The server's softmax for decoded (M, P, P, 3) uint8 patches at grid positions ``indices``."""
     x = normalize(patches, vit.mean, vit.std)
-    logits = server_forward_subset(vit, x, torch.from_numpy(idx))
+    logits = server_forward_subset(vit, x, torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     return torch.softmax(logits.float(), dim=-1).cpu().numpy()

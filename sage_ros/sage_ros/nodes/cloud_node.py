@@ -22,7 +22,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message, serialize_message
 from sage_ros_msgs.msg import CloudResult, PatchSet
 
-from sage_ros.core import classify_patches, load_vit
+from sage_ros.core import decode_patches, load_vit
+from sage_ros.core.offload import classify_decoded
 from sage_ros.core.labels import class_name
 from sage_ros.core.request import RequestError, RequestLimits, check_request
 from sage_ros.nodes.diagnostics import CounterDiagnostics
@@ -47,6 +48,41 @@ SPECS = {
 }
 # CDR framing and the non-payload fields of a PatchSet stay well under this.
 _ENVELOPE_BYTES = 64 * 1024
+
+
+class RejectedRequest(RequestError):
+    """A request refused by :func:`decode_request`; ``request`` is the parsed message when the
+    failure came after parsing (so the robot can be told), else None."""
+
+    def __init__(self, why: str, request: PatchSet | None = None) -> None:
+        super().__init__(why)
+        self.request = request
+
+
+def decode_request(data: bytes, limits: RequestLimits) -> tuple[PatchSet, np.ndarray, np.ndarray]:
+    """Bytes off the wire to (message, indices, decoded patches), or :class:`RejectedRequest`.
+
+    Order matters for hostile input: the size is checked before parsing, the CDR parser checks
+    every length against the buffer before allocating, and the request is validated before
+    its payload is decoded, whose image header is checked before its pixels.
+    """
+    if len(data) > limits.max_payload_bytes + _ENVELOPE_BYTES:
+        raise RejectedRequest(f'message of {len(data)} B exceeds the limit')
+    try:
+        msg = deserialize_message(data, PatchSet)
+    except Exception as exc:  # rclpy raises several types on bad CDR
+        raise RejectedRequest(f'malformed CDR: {exc}') from None
+    if msg.method == PatchSet.METHOD_PROBE:
+        return msg, np.empty(0, np.int64), np.empty((0, 16, 16, 3), np.uint8)
+    indices = np.asarray(msg.indices, dtype=np.int64)
+    try:
+        check_request(indices=indices.tolist(), budget_patches=msg.budget_patches, encoding=msg.encoding,
+                      payload_len=len(msg.payload), patch_size=msg.patch_size, grid_rows=msg.grid_rows,
+                      grid_cols=msg.grid_cols, input_size=msg.input_size, limits=limits)
+        patches = decode_patches(bytes(msg.payload), msg.encoding, int(indices.size), patch=limits.patch_size)
+    except (RequestError, ValueError) as exc:  # CodecError is a ValueError
+        raise RejectedRequest(str(exc), msg) from None
+    return msg, indices, patches
 
 
 @dataclass
@@ -145,29 +181,18 @@ class CloudNode(Node):
 
     def _handle(self, req: _Request) -> None:
         p = self._params
-        if len(req.data) > p['max_payload_bytes'] + _ENVELOPE_BYTES:
-            self._reject(req, f'message of {len(req.data)} B exceeds the limit')
-            return
         try:
-            msg = deserialize_message(req.data, PatchSet)
-        except Exception as exc:  # rclpy raises several types on bad CDR
-            self._reject(req, f'malformed CDR: {exc}')
+            msg, indices, patches = decode_request(req.data, self._limits())
+        except RejectedRequest as exc:
+            self._reject(req, str(exc), exc.request)
             return
         if msg.method == PatchSet.METHOD_PROBE:
             # Link probes measure the robot's uplink: answer at once, no model.
             self.stats['probes'] += 1
             self._send(req, self._answer(req, msg, CloudResult.STATUS_PROBE, 'probe'))
             return
-        indices = np.asarray(msg.indices, dtype=np.int64)
-        try:
-            check_request(indices=indices.tolist(), budget_patches=msg.budget_patches, encoding=msg.encoding,
-                          payload_len=len(msg.payload), patch_size=msg.patch_size, grid_rows=msg.grid_rows,
-                          grid_cols=msg.grid_cols, input_size=msg.input_size, limits=self._limits())
-            t0 = time.perf_counter()
-            probs = classify_patches(self._vit, bytes(msg.payload), msg.encoding, indices)
-        except (RequestError, ValueError) as exc:  # CodecError is a ValueError
-            self._reject(req, str(exc), msg)
-            return
+        t0 = time.perf_counter()
+        probs = classify_decoded(self._vit, patches, indices)
         server_ms = (time.perf_counter() - t0) * 1e3
         top = np.argsort(-probs, kind='stable')[: p['topk']]
         answer = self._answer(req, msg, CloudResult.STATUS_OK, '')

@@ -62,6 +62,7 @@ SPECS = {
     'zenoh_connect': Spec('Zenoh connect endpoints overriding the file (comma-separated)', read_only=True),
     'robot_id': Spec('robot id in requests ("" = namespace)', read_only=True),
     'deadline_ms': Spec('per-frame deadline from arrival, ms', float_range=(1.0, 600000.0)),
+    'max_frame_age_s': Spec('skip frames stamped longer ago than this (0 = off)', float_range=(0.0, 1e9)),
     'model': Spec('timm edge model', read_only=True),
     'weights': Spec('checkpoint path, hub, hf-hub:..., or random[:SEED]', read_only=True),
     'device': Spec('torch device', read_only=True),
@@ -123,7 +124,7 @@ class EdgeNode(Node):
         self._seq = itertools.count()
         # dropped: replaced by a newer frame while busy; lost: never reached the node (gaps in
         # the publishers' sequence numbers: the shallow camera queue overflowed, or the network).
-        self.stats = dict.fromkeys(('received', 'dropped', 'lost', 'rejected', 'processed', 'edge', 'cloud',
+        self.stats = dict.fromkeys(('received', 'dropped', 'lost', 'rejected', 'stale', 'processed', 'edge', 'cloud',
                                     'fallback', 'suspended', 'late_answers', 'bad_answers', 'truncated'), 0)
         self._misses_reported = 0
         self._last_seq: dict[bytes, int] = {}
@@ -160,7 +161,7 @@ class EdgeNode(Node):
         self._last_budget_state: tuple = ()
         self.create_timer(0.25, self._tick_link)
         CounterDiagnostics(self, lambda: self.stats, hardware_id=self._robot_id or 'robot',
-                           warn_on=('dropped', 'lost', 'rejected', 'fallback', 'bad_answers'),
+                           warn_on=('dropped', 'lost', 'rejected', 'stale', 'fallback', 'bad_answers'),
                            extra=self._link_status)
         self._slot: _Frame | None = None
         self._slot_cv = threading.Condition()
@@ -316,6 +317,13 @@ class EdgeNode(Node):
 
     def _process(self, frame: _Frame) -> None:
         p = self._params
+        if p['max_frame_age_s'] > 0:
+            stamp = frame.header.stamp.sec + frame.header.stamp.nanosec * 1e-9
+            age = self.get_clock().now().nanoseconds * 1e-9 - stamp
+            if age > p['max_frame_age_s']:
+                self.stats['stale'] += 1
+                self.get_logger().warning(f'frame skipped: stamped {age:.1f} s ago', throttle_duration_sec=5.0)
+                return
         try:
             src = frame.rgb_source
             rgb = compressed_to_rgb(src) if isinstance(src, CompressedImage) else image_to_rgb(src)
