@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
-from rclpy.serialization import deserialize_message, serialize_message
+from rclpy.serialization import serialize_message
 from sage_ros_msgs.msg import CloudResult, PatchSet
 
 from sage_ros.core import decode_patches, load_vit
@@ -30,6 +30,9 @@ from sage_ros.nodes.diagnostics import CounterDiagnostics
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path
+from sage_ros.typestore import typestore
+
+PATCH_SET_TYPE = 'sage_ros_msgs/msg/PatchSet'
 
 SPECS = {
     'transport': Spec('zenoh or ros', read_only=True, choices=('zenoh', 'ros')),
@@ -54,12 +57,12 @@ class RejectedRequest(RequestError):
     """A request refused by :func:`decode_request`; ``request`` is the parsed message when the
     failure came after parsing (so the robot can be told), else None."""
 
-    def __init__(self, why: str, request: PatchSet | None = None) -> None:
+    def __init__(self, why: str, request: Any = None) -> None:
         super().__init__(why)
         self.request = request
 
 
-def decode_request(data: bytes, limits: RequestLimits) -> tuple[PatchSet, np.ndarray, np.ndarray]:
+def decode_request(data: bytes, limits: RequestLimits) -> tuple[Any, np.ndarray, np.ndarray]:
     """Bytes off the wire to (message, indices, decoded patches), or :class:`RejectedRequest`.
 
     Order matters for hostile input: the size is checked before parsing, the CDR parser checks
@@ -68,18 +71,21 @@ def decode_request(data: bytes, limits: RequestLimits) -> tuple[PatchSet, np.nda
     """
     if len(data) > limits.max_payload_bytes + _ENVELOPE_BYTES:
         raise RejectedRequest(f'message of {len(data)} B exceeds the limit')
+    # Untrusted bytes are parsed by rosbags' pure-Python CDR reader, not rclpy's C type
+    # support: fuzzing found inputs (e.g. invalid UTF-8 in a string) that crash the latter.
     try:
-        msg = deserialize_message(data, PatchSet)
-    except Exception as exc:  # rclpy raises several types on bad CDR
-        raise RejectedRequest(f'malformed CDR: {exc}') from None
+        msg = typestore().deserialize_cdr(data, PATCH_SET_TYPE)
+    except Exception as exc:  # rosbags raises several types on bad CDR; all mean malformed
+        raise RejectedRequest(f'malformed CDR: {type(exc).__name__}: {exc}') from None
     if msg.method == PatchSet.METHOD_PROBE:
         return msg, np.empty(0, np.int64), np.empty((0, 16, 16, 3), np.uint8)
-    indices = np.asarray(msg.indices, dtype=np.int64)
+    indices = np.asarray(msg.indices, dtype=np.int64).reshape(-1)
     try:
         check_request(indices=indices.tolist(), budget_patches=msg.budget_patches, encoding=msg.encoding,
                       payload_len=len(msg.payload), patch_size=msg.patch_size, grid_rows=msg.grid_rows,
                       grid_cols=msg.grid_cols, input_size=msg.input_size, limits=limits)
-        patches = decode_patches(bytes(msg.payload), msg.encoding, int(indices.size), patch=limits.patch_size)
+        payload = np.asarray(msg.payload, np.uint8).tobytes()
+        patches = decode_patches(payload, msg.encoding, int(indices.size), patch=limits.patch_size)
     except (RequestError, ValueError) as exc:  # CodecError is a ValueError
         raise RejectedRequest(str(exc), msg) from None
     return msg, indices, patches
@@ -172,7 +178,7 @@ class CloudNode(Node):
                 self.get_logger().error(f'request failed: {exc}', throttle_duration_sec=5.0)
 
     # --- one request ------------------------------------------------------------------------
-    def _reject(self, req: _Request, why: str, msg: PatchSet | None = None) -> None:
+    def _reject(self, req: _Request, why: str, msg: Any = None) -> None:
         self.stats['rejected'] += 1
         rid = msg.request_id if msg is not None else '?'
         self.get_logger().warning(f'rejected request {rid} ({len(req.data)} B): {why}', throttle_duration_sec=2.0)
@@ -205,19 +211,22 @@ class CloudNode(Node):
         self.stats['answered'] += 1
         self.get_logger().debug(f'{msg.request_id}: {indices.size} patches, {server_ms:.0f} ms')
 
-    def _answer(self, req: _Request, msg: PatchSet | None, status: int, detail: str) -> CloudResult:
+    def _answer(self, req: _Request, msg: Any, status: int, detail: str) -> CloudResult:
         answer = CloudResult(status=status, detail=detail, server_model=self._vit.name,
                              server_weights=self._vit.weights)
         if msg is not None:
-            answer.header = msg.header
-            answer.request_id, answer.robot_id = msg.request_id, msg.robot_id
+            # msg is rosbags' parse of untrusted bytes: copy its fields, typed, into our answer.
+            answer.header.stamp.sec = int(msg.header.stamp.sec)
+            answer.header.stamp.nanosec = int(msg.header.stamp.nanosec)
+            answer.header.frame_id = str(msg.header.frame_id)
+            answer.request_id, answer.robot_id = str(msg.request_id), str(msg.robot_id)
         answer.received_stamp.sec, answer.received_stamp.nanosec = divmod(req.received_ns, 10**9)
         return answer
 
-    def _answer_status(self, req: _Request, status: int, detail: str, msg: PatchSet | None = None) -> None:
+    def _answer_status(self, req: _Request, status: int, detail: str, msg: Any = None) -> None:
         if msg is None:
             try:
-                msg = deserialize_message(req.data, PatchSet)
+                msg = typestore().deserialize_cdr(req.data, PATCH_SET_TYPE)
             except Exception:
                 return  # no request id to answer to
         self._send(req, self._answer(req, msg, status, detail))

@@ -21,7 +21,7 @@ import numpy as np
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.serialization import deserialize_message, serialize_message
+from rclpy.serialization import serialize_message
 from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from sage_ros_msgs.msg import BudgetStatus, CloudResult, OffloadResult, PatchSet
@@ -49,6 +49,7 @@ from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path, selection_config
 from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
+from sage_ros.typestore import typestore
 
 SPECS = {
     'image_topic': Spec('camera sensor_msgs/Image topic', read_only=True),
@@ -285,8 +286,10 @@ class EdgeNode(Node):
 
     def _on_answer(self, data: bytes) -> None:
         try:
-            answer = deserialize_message(data, CloudResult)
-        except Exception as exc:  # rclpy raises several types on bad CDR
+            # Network bytes go through rosbags' pure-Python CDR reader: rclpy's C type support
+            # can crash on hostile input (found by fuzzing the cloud's side).
+            answer = typestore().deserialize_cdr(bytes(data), 'sage_ros_msgs/msg/CloudResult')
+        except Exception as exc:  # rosbags raises several types on bad CDR
             self.stats['bad_answers'] += 1
             self.get_logger().warning(f'malformed cloud answer ({len(data)} B): {exc}', throttle_duration_sec=5.0)
             return
@@ -398,7 +401,7 @@ class EdgeNode(Node):
             result.source = OffloadResult.SOURCE_CLOUD
             result.label = int(answer.labels[0])
             result.confidence = float(answer.scores[0]) if len(answer.scores) else 0.0
-            result.random_weights = result.random_weights or answer.server_weights.startswith('random')
+            result.random_weights = result.random_weights or str(answer.server_weights).startswith('random')
             self._publish(result, frame)
 
     def _request(self, result, frame, cmap: CropMap, plan, edge, top, conf, p, budget: int) -> PatchSet:
