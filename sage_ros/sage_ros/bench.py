@@ -133,6 +133,7 @@ def run_transport_bench(crops: list, outs: list, *, budgets: tuple[int, ...] = (
         c.insert_json5('mode', f'"{mode}"')
         c.insert_json5('listen/endpoints' if mode == 'router' else 'connect/endpoints', f'["{endpoint}"]')
         c.insert_json5('scouting/multicast/enabled', 'false')
+        c.insert_json5('transport/shared_memory/enabled', 'false')  # as config/: bytes cross TCP
         return c
 
     router = zenoh.open(conf('router'))
