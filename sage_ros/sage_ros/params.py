@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import yaml
 
-from sage_ros.core.offload import SelectionConfig
+if TYPE_CHECKING:
+    from sage_ros.core.offload import SelectionConfig
 
 CONFIG_FILE = 'sage_ros.yaml'
 
@@ -98,6 +99,9 @@ def check_overrides_known(overrides: dict[str, Any], nodes: Iterable[str], *, di
 
 def selection_config(edge: dict[str, Any]) -> SelectionConfig:
     """The core's SelectionConfig from sage_edge parameters."""
+    # Imported here: the router reads parameters too and must not pay for torch.
+    from sage_ros.core.offload import SelectionConfig
+
     method_params: dict[str, Any] = {}
     if edge['method'] == 'attention_threshold':
         method_params['delta'] = float(edge['delta'])
