@@ -112,6 +112,10 @@ class CloudNode(Node):
         if self._vit.random_weights:
             self.get_logger().warning(f'server model {p["model"]} runs with RANDOM weights ({self._vit.weights}): '
                                       'labels are meaningless')
+        # Class table and one forward now, not inside the first request's deadline.
+        class_name(0)
+        classify_decoded(self._vit, np.zeros((64, self._vit.patch_size, self._vit.patch_size, 3), np.uint8),
+                         np.arange(64))
         self.stats = dict.fromkeys(('received', 'answered', 'rejected', 'shed', 'errors', 'probes'), 0)
         self._queue: collections.deque[_Request] = collections.deque()
         self._cv = threading.Condition()

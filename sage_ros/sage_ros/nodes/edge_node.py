@@ -18,6 +18,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -120,6 +121,10 @@ class EdgeNode(Node):
         if self._vit.random_weights:
             self.get_logger().warning(f'edge model {p["model"]} runs with RANDOM weights ({self._vit.weights}): '
                                       'labels are meaningless')
+        # Load the class table and run one forward now, not inside the first frame's deadline
+        # (the first pass through torch is several times slower than the next ones).
+        class_name(0)
+        edge_forward(self._vit, torch.zeros(1, 3, self._vit.input_size, self._vit.input_size))
         self._robot_id = p['robot_id'] or self.get_namespace().strip('/')
         self._boot = secrets.token_hex(2)
         self._seq = itertools.count()
