@@ -19,11 +19,11 @@ from sage_ros.core import (
     extract_patches,
     load_vit,
     normalize,
-    resize_crop,
     select,
     server_forward_subset,
 )
 from sage_ros.images import list_images, read_rgb
+from sage_ros.system_demo import free_port
 
 BUDGETS = (32, 48, 64, 96)
 
@@ -54,7 +54,7 @@ def run_bench(
     base = load_vit(server_model, weights)
     items = list_images(images_dir)
     items = items[:: max(1, len(items) // n_images)][:n_images]
-    crops = [resize_crop(read_rgb(it.path), crop_pct=tiny.crop_pct)[0] for it in items]
+    crops = [tiny.crop(read_rgb(it.path))[0] for it in items]
     emit(f'{len(crops)} real images from {images_dir}; weights {tiny.weights}; torch threads {torch.get_num_threads()}')
     figures: dict[str, float] = {}
 
@@ -125,7 +125,7 @@ def run_transport_bench(crops: list, outs: list, *, budgets: tuple[int, ...] = (
 
     from sage_ros.core import Budget, SelectionConfig, plan_offload
 
-    port = _free_port()
+    port = free_port()
     endpoint = f'tcp/127.0.0.1:{port}'
 
     def conf(mode: str) -> zenoh.Config:
@@ -179,11 +179,3 @@ def run_transport_bench(crops: list, outs: list, *, budgets: tuple[int, ...] = (
         for session in (sender, receiver, router):
             session.close()
     return figures
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return int(s.getsockname()[1])

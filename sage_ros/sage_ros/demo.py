@@ -18,7 +18,6 @@ from sage_ros.core import (
     load_vit,
     normalize,
     plan_offload,
-    resize_crop,
     should_offload,
 )
 from sage_ros.core.labels import class_name
@@ -71,7 +70,6 @@ def run_demo(
     if edge_vit.random_weights or server_vit.random_weights:
         emit(f'NOTE: random weights (edge {edge_vit.weights}, server {server_vit.weights}): '
              'labels and confidences are meaningless; the mechanics are real.')
-    crop_pct = float(edge_params['crop_pct']) or edge_vit.crop_pct
     budget = Budget(int(edge_params['budget']), int(edge_params['byte_budget']))
     config = selection_config(edge_params)
     eta, metric = float(edge_params['eta']), edge_params['gate_metric']
@@ -79,8 +77,7 @@ def run_demo(
          f'method {config.method} B={budget.patches} | codec {config.encoding}')
     done = []
     for name, rgb, truth in frames:
-        crop, _ = resize_crop(rgb, input_size=edge_vit.input_size, crop_pct=crop_pct,
-                              interpolation=edge_vit.interpolation)
+        crop, _ = edge_vit.crop(rgb, float(edge_params['crop_pct']))
         t0 = time.perf_counter()
         edge = edge_forward(edge_vit, normalize(crop, edge_vit.mean, edge_vit.std),
                             embedding_source=edge_params['embedding_source'])[0]

@@ -21,6 +21,7 @@ from timm.data import resolve_data_config
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from sage_ros.core.errors import WeightsError
+from sage_ros.core.preprocess import CropMap, resize_crop
 
 EmbeddingSource = Literal['final', 'input']
 
@@ -62,6 +63,12 @@ class VitModel:
     @property
     def interpolation(self) -> str:
         return str(self.data_config['interpolation'])
+
+    def crop(self, rgb: np.ndarray, crop_pct: float = 0.0) -> tuple[np.ndarray, CropMap]:
+        """This model's eval resize and centre crop of an RGB frame; ``crop_pct`` 0 keeps the
+        model's own ratio."""
+        return resize_crop(rgb, input_size=self.input_size, crop_pct=crop_pct or self.crop_pct,
+                           interpolation=self.interpolation)
 
     @property
     def patch_size(self) -> int:

@@ -31,7 +31,6 @@ from sage_ros.core import (
     load_vit,
     normalize,
     plan_offload,
-    resize_crop,
     server_forward_subset,
 )
 from sage_ros.eval.bags import BagFrame, bag_fingerprint, count_frames, read_image_bag
@@ -114,11 +113,6 @@ def _frames(bag: Path, limit: int, wanted: set[int] | None = None) -> Iterable[B
             yield frame
 
 
-def _crop(vit: VitModel, rgb: np.ndarray, crop_pct: float) -> np.ndarray:
-    return resize_crop(rgb, input_size=vit.input_size, crop_pct=crop_pct or vit.crop_pct,
-                       interpolation=vit.interpolation)[0]
-
-
 def _edge_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, tiny: VitModel, total: int,
                progress: bool) -> None:
     done = cache.edge_indices(ctx)
@@ -143,7 +137,7 @@ def _edge_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, tiny: Vi
         for frame in _frames(bag, cfg.limit):
             if frame.index in done:
                 continue
-            batch.append((frame, _crop(tiny, frame.rgb, cfg.crop_pct)))
+            batch.append((frame, tiny.crop(frame.rgb, cfg.crop_pct)[0]))
             if len(batch) >= cfg.batch:
                 bar.update(len(batch))
                 flush()
@@ -205,7 +199,7 @@ def _server_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, settin
 
     with tqdm(total=len(frames_needed), desc='server pass', unit='frame', disable=not progress) as bar:
         for frame in _frames(bag, cfg.limit, frames_needed):
-            crop = _crop(tiny, frame.rgb, cfg.crop_pct)
+            crop = tiny.crop(frame.rgb, cfg.crop_pct)[0]
             for s in settings:
                 if frame.index in missing[s.key]:
                     ind, patches, nbytes, trunc = _jobs_for_frame(s, crop, records[frame.index], cfg)

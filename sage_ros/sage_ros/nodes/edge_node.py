@@ -36,7 +36,6 @@ from sage_ros.core import (
     load_vit,
     normalize,
     plan_offload,
-    resize_crop,
     should_offload,
 )
 from sage_ros.core.codec import ENCODINGS
@@ -117,7 +116,6 @@ class EdgeNode(Node):
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
         self._vit = load_vit(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
-        self._crop_pct = p['crop_pct'] or self._vit.crop_pct
         if self._vit.random_weights:
             self.get_logger().warning(f'edge model {p["model"]} runs with RANDOM weights ({self._vit.weights}): '
                                       'labels are meaningless')
@@ -347,8 +345,7 @@ class EdgeNode(Node):
                                method=p['method'], budget_patches=budget,
                                random_weights=self._vit.random_weights)
         try:
-            crop, cmap = resize_crop(rgb, input_size=self._vit.input_size, crop_pct=self._crop_pct,
-                                     interpolation=self._vit.interpolation)
+            crop, cmap = self._vit.crop(rgb, p['crop_pct'])
             edge = edge_forward(self._vit, normalize(crop, self._vit.mean, self._vit.std),
                                 embedding_source=p['embedding_source'])[0]
         except Exception as exc:  # a frame must never take the node down
