@@ -25,6 +25,15 @@ fi
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
+# Several ./dev commands may start at once (parallel shells, tests spawning ./dev): one builds,
+# the others wait for it and then find the stamp current.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
+if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
+  exit 0
+fi
+
 if [[ ! -x $venv/bin/python ]]; then
   log "creating virtual environment $venv"
   "$python" -m venv "$venv"

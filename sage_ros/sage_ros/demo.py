@@ -10,19 +10,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from sage_ros.core import (
-    Budget,
-    classify_patches,
-    edge_forward,
-    gate_score,
-    load_vit,
-    normalize,
-    plan_offload,
-    should_offload,
-)
+from sage_ros.core import Budget, classify_patches, load_vit
 from sage_ros.core.labels import class_name
+from sage_ros.core.pipeline import EdgePipeline
 from sage_ros.images import LabeledImage, read_rgb
-from sage_ros.params import selection_config
+from sage_ros.params import gate_config, selection_config, starting_budget
 
 
 @dataclass(frozen=True)
@@ -70,35 +62,31 @@ def run_demo(
     if edge_vit.random_weights or server_vit.random_weights:
         emit(f'NOTE: random weights (edge {edge_vit.weights}, server {server_vit.weights}): '
              'labels and confidences are meaningless; the mechanics are real.')
-    budget = Budget(int(edge_params['budget']), int(edge_params['byte_budget']))
+    # The budget the live edge node starts with (auto mode: the controller's start, budget_max):
+    # offline there is no link to adapt to, so every frame gets it.
+    budget = Budget(starting_budget(edge_params), int(edge_params['byte_budget']))
     config = selection_config(edge_params)
-    eta, metric = float(edge_params['eta']), edge_params['gate_metric']
-    emit(f'edge {edge_vit.name} | server {server_vit.name} | gate {metric} >= {eta} | '
+    gate = gate_config(edge_params)
+    pipeline = EdgePipeline(edge_vit)
+    emit(f'edge {edge_vit.name} | server {server_vit.name} | gate {gate.gate_metric} >= {gate.eta} | '
          f'method {config.method} B={budget.patches} | codec {config.encoding}')
     done = []
     for name, rgb, truth in frames:
-        crop, _ = edge_vit.crop(rgb, float(edge_params['crop_pct']))
-        t0 = time.perf_counter()
-        edge = edge_forward(edge_vit, normalize(crop, edge_vit.mean, edge_vit.std),
-                            embedding_source=edge_params['embedding_source'])[0]
-        edge_ms = (time.perf_counter() - t0) * 1e3
-        score = gate_score(edge.probs, metric)
-        top, conf = edge.topk(1)
-        offload = should_offload(score, eta)
+        d = pipeline.analyze(rgb, gate)
         indices, nbytes, cov, s_label, s_conf, server_ms = np.empty(0, np.int64), 0, 0.0, None, None, 0.0
-        if offload:
-            plan = plan_offload(crop, edge, budget, config)
+        if d.offload:
+            plan = pipeline.plan(d, budget, config)
             t1 = time.perf_counter()
             probs = classify_patches(server_vit, plan.payload, plan.encoding, plan.indices)
             server_ms = (time.perf_counter() - t1) * 1e3
             s_label, s_conf = int(np.argmax(probs)), float(probs.max())
             indices, nbytes, cov = plan.indices, plan.num_bytes, plan.coverage_7x7
-        frame = DemoFrame(name, truth, int(top[0]), float(conf[0]), score, offload, indices,
-                          nbytes, cov, s_label, s_conf, edge_ms, server_ms)
+        frame = DemoFrame(name, truth, d.label, d.confidence, d.score, d.offload, indices,
+                          nbytes, cov, s_label, s_conf, d.forward_s * 1e3, server_ms)
         done.append(frame)
         if on_frame:
             on_frame(frame)
-        emit(format_frame(frame, metric))
+        emit(format_frame(frame, gate.gate_metric))
     emit(format_summary(done))
     return done
 

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any, Iterable
 import yaml
 
 if TYPE_CHECKING:
+    from sage_ros.core.link import UplinkMonitor
     from sage_ros.core.offload import SelectionConfig
+    from sage_ros.core.pipeline import GateConfig
 
 CONFIG_FILE = 'sage_ros.yaml'
 
@@ -115,3 +117,29 @@ def selection_config(edge: dict[str, Any]) -> SelectionConfig:
         quality=int(edge['jpeg_quality']),
         method_params=method_params,
     )
+
+
+def gate_config(edge: dict[str, Any]) -> GateConfig:
+    """The core's GateConfig from sage_edge parameters."""
+    from sage_ros.core.pipeline import GateConfig
+
+    return GateConfig(crop_pct=float(edge['crop_pct']), embedding_source=edge['embedding_source'],
+                      gate_metric=edge['gate_metric'], eta=float(edge['eta']), topk=int(edge['topk']))
+
+
+def uplink_monitor(edge: dict[str, Any], *, connected: bool = True) -> UplinkMonitor:
+    """The bandwidth monitor, budget controller and in-flight window from sage_edge parameters."""
+    from sage_ros.core.link import BudgetController, UplinkMonitor
+
+    controller = BudgetController(deadline_s=edge['deadline_ms'] / 1e3, budget_min=edge['budget_min'],
+                                  budget_max=edge['budget_max'], safety=edge['budget_safety'])
+    return UplinkMonitor(controller, probe_interval_s=edge['probe_interval_s'], probe_bytes=edge['probe_bytes'],
+                         max_in_flight=edge['max_in_flight'], connected=connected)
+
+
+def starting_budget(edge: dict[str, Any]) -> int:
+    """B of the first offloaded frame: the parameter in fixed mode, else the controller's start
+    (budget_max, corrected by the first answers). What an offline run uses for every frame."""
+    if edge['budget_mode'] == 'fixed':
+        return int(edge['budget'])
+    return uplink_monitor(edge).budget

@@ -12,7 +12,8 @@ def test_demo_on_real_images(imagenet_dir, tmp_path, capsys):
     for p in sorted((imagenet_dir / 'images').iterdir())[:3]:
         (folder / p.name).symlink_to(p)
     shutil.copy(imagenet_dir / 'labels.csv', tmp_path / 'labels.csv')
-    rc = main(['demo', str(folder), '--offline', '--weights', 'random', '-p', 'budget:=32', '-p', 'codec:=png'])
+    rc = main(['demo', str(folder), '--offline', '--weights', 'random', '-p', 'budget_mode:=fixed', '-p', 'budget:=32',
+                '-p', 'codec:=png'])
     out = capsys.readouterr().out
     assert rc == 0
     assert 'random weights' in out

@@ -137,7 +137,9 @@ def test_replay_offline_records_one_result_per_frame(bag, tmp_path):
     stamps = [f.stamp_ns for f in read_image_bag(bag, limit=5)]
     assert len(done) == len(results) == 5
     assert [r.header.stamp.sec * 10**9 + r.header.stamp.nanosec for r in results] == stamps
-    assert all(r.source == 1 and r.patches_sent == 64 and r.random_weights for r in results)
+    # Auto mode, as live: the controller's starting budget (budget_max), not the fixed-mode budget.
+    assert all(r.source == 1 and r.patches_sent == r.budget_patches == edge['budget_max'] and r.random_weights
+               for r in results)
 
 
 def test_eval_cli(bag, tmp_path, capsys):

@@ -9,13 +9,27 @@ agree. The network part of a round trip is modelled as ``base_rtt + bytes / thro
 The controller turns the estimate and the per-frame deadline into the largest patch budget
 that fits: fast down (the next request), slow up (hysteresis), and a suspension of
 offloading when even the smallest budget cannot make the deadline.
+
+:class:`UplinkMonitor` is the one owner of the link state an edge node shares between its
+threads (the frame worker, the transport's answer callback, the deadline watcher, the probe
+timer): the estimate, the requests in flight with their deadlines, the in-flight window and
+whether the uplink is connected. Every public method takes its lock.
+
+Requests are pipelined: several can be in flight. They share the uplink and the cloud, so a
+request sent while others are still uploading or being served waits behind them. The monitor
+models both as FIFO queues, so that waiting behind our own requests is neither read as a slow
+link (estimation) nor forgotten when planning the next request (admission).
 """
 
 from __future__ import annotations
 
 import collections
 import math
+import statistics
+import threading
+import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -29,7 +43,9 @@ class Exchange:
     round_trip_s: float
     """Edge clock: request sent -> answer received."""
     server_s: float
-    """Cloud clock: request received -> answer sent (0 if unknown)."""
+    """Cloud clock: request received -> answer sent (0 if unknown); includes its queueing there."""
+    compute_s: float = 0.0
+    """Cloud clock: model started on the request -> answer sent (0 if unknown)."""
 
 
 @dataclass
@@ -59,7 +75,10 @@ class LinkEstimator:
         self.samples += 1
         net = max(1e-6, ex.round_trip_s - max(0.0, ex.server_s))
         if ex.patches > 0:
-            self._server.append((ex.patches, max(0.0, ex.server_s)))
+            # The model's own time when the cloud reports it: queueing there depends on load,
+            # and load from our own requests is planned for separately.
+            compute = ex.compute_s if ex.compute_s > 0 else ex.server_s
+            self._server.append((ex.patches, max(0.0, compute)))
             while len(self._server) > self.window:
                 self._server.popleft()
         if ex.request_bytes <= self.small_bytes:
@@ -130,11 +149,15 @@ class BudgetController:
         else:
             self._bytes_per_patch += 0.2 * (sample - self._bytes_per_patch)
 
+    def request_bytes(self, budget: int) -> float:
+        """Expected bytes on the wire of a request of ``budget`` patches."""
+        return self.overhead_bytes + budget * max(self._bytes_per_patch, 1.0)
+
     def fits(self, budget: int, link: LinkEstimator, edge_s: float) -> bool:
-        """Does a request of ``budget`` patches make the deadline on this link?"""
+        """Does a request of ``budget`` patches make the deadline on this link, alone on it?"""
         if link.throughput_bps <= 0:
             return True  # nothing known yet: try, and learn from the answer
-        upload = (self.overhead_bytes + budget * max(self._bytes_per_patch, 1.0)) / link.throughput_bps
+        upload = self.request_bytes(budget) / link.throughput_bps
         total = edge_s + link.base_rtt_s + link.server_time_s(budget) + upload
         return total <= self.safety * self.deadline_s
 
@@ -174,93 +197,328 @@ class BudgetController:
 
 
 @dataclass
-class _Sent:
+class Request:
+    """One request (or probe) sent and not yet answered."""
+
+    request_id: str
     t: float
+    """Edge clock: when it was sent."""
     request_bytes: int
     patches: int
     payload_bytes: int
+    deadline: float = math.inf
+    """Edge clock: when its frame falls back if no answer came (its frame's arrival + deadline)."""
+    context: Any = None
+    """What the caller needs to finish the frame (opaque here)."""
+    waiting: bool = True
+    """Its frame still waits for this request's answer (False once answered or expired)."""
+    queue_s: float = 0.0
+    """Predicted wait behind our own earlier requests (uplink and cloud) when it was sent."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The budget for a frame that wants offloading, or why it stays on the edge."""
+
+    budget: int
+    """Patches this request may carry; 0 = do not send."""
+    reason: str = ''
+    """Why not, for the frame's result (``no uplink``, ``window full``, ...); empty when admitted."""
+    cause: str = ''
+    """The same as a counter name: no_uplink, window_full, suspended, uplink_busy."""
+
+
+@dataclass(frozen=True)
+class LinkSnapshot:
+    """A consistent copy of the link state for diagnostics and BudgetStatus."""
+
+    budget: int
+    suspended: bool
+    connected: bool
+    throughput_bps: float
+    base_rtt_s: float
+    bytes_per_patch: float
+    budget_min: int
+    budget_max: int
+    deadline_s: float
+    answered: int
+    deadline_misses: int
+    probes: int
+    in_flight: int
+    max_in_flight: int
+    queued_bytes: float
+    edge_s: float
 
 
 class UplinkMonitor:
-    """Ties requests to answers, feeds the estimator and the controller, and schedules probes.
+    """The link state of one edge node: estimate, budget, requests in flight, window, uplink.
 
-    ``clock`` is the edge's monotonic clock; the cloud's only enters as a duration.
+    ``clock`` is the edge's monotonic clock; the cloud's only enters as durations. Thread-safe:
+    every public method holds the one lock.
     """
 
     def __init__(self, controller: BudgetController, estimator: LinkEstimator | None = None, *,
-                 probe_interval_s: float = 2.0, probe_bytes: int = 4096, clock=None) -> None:
-        import time
-
+                 probe_interval_s: float = 2.0, probe_bytes: int = 4096, max_in_flight: int = 4,
+                 connected: bool = True, edge_window: int = 15, clock: Callable[[], float] | None = None) -> None:
         self.controller = controller
         self.link = estimator or LinkEstimator()
         self.probe_interval_s = probe_interval_s
         self.probe_bytes = probe_bytes
+        self.max_in_flight = max_in_flight
+        self._lock = threading.RLock()
         self._clock = clock or time.monotonic
-        self._sent: collections.OrderedDict[str, _Sent] = collections.OrderedDict()
-        self._edge_s = 0.0
+        self._sent: collections.OrderedDict[str, Request] = collections.OrderedDict()
+        # Edge time per handled frame. A median, so one slow frame (a huge image, a CPU stall)
+        # cannot move it, and fed by every frame, so it comes back down while nothing is sent.
+        self._edge_times: collections.deque[float] = collections.deque(maxlen=edge_window)
         self._last_evidence = self._clock()
-        self._last_answer_t = float('-inf')
+        self._cloud_arrival_seen = -math.inf  # edge clock: when our last answered request reached the cloud
+        # Virtual FIFO queues of our own traffic (edge clock): when the uplink and the cloud are
+        # expected to be free of the requests already sent.
+        self._link_free_at = -math.inf
+        self._cloud_free_at = -math.inf
         self._probe_small = True
+        self._connected = connected
         self.answered_count = 0
         self.deadline_misses = 0
         self.probes = 0
 
+    # --- state --------------------------------------------------------------------------
     @property
     def budget(self) -> int:
         """Patch budget for the next request; 0 while offloading is suspended."""
-        return 0 if self.controller.suspended else self.controller.budget
+        with self._lock:
+            return 0 if self.controller.suspended else self.controller.budget
+
+    @property
+    def edge_s(self) -> float:
+        """Typical edge time of a frame (median of the recent ones; 0 before any)."""
+        with self._lock:
+            return statistics.median(self._edge_times) if self._edge_times else 0.0
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._connected
+
+    def set_connected(self, connected: bool) -> None:
+        """The transport's view of the uplink (a router session, a matched subscriber)."""
+        with self._lock:
+            self._connected = connected
+
+    @property
+    def in_flight(self) -> int:
+        """Requests whose frames still wait for an answer."""
+        with self._lock:
+            return sum(r.waiting for r in self._sent.values())
+
+    def configure(self, *, deadline_s: float | None = None, budget_min: int | None = None,
+                  budget_max: int | None = None, safety: float | None = None,
+                  probe_interval_s: float | None = None, probe_bytes: int | None = None,
+                  max_in_flight: int | None = None) -> None:
+        """Apply changed parameters (``None`` keeps a value)."""
+        with self._lock:
+            c = self.controller
+            c.deadline_s = c.deadline_s if deadline_s is None else deadline_s
+            c.budget_min = c.budget_min if budget_min is None else budget_min
+            c.budget_max = c.budget_max if budget_max is None else budget_max
+            c.safety = c.safety if safety is None else safety
+            c.budget = min(max(c.budget, c.budget_min), c.budget_max)
+            self.probe_interval_s = self.probe_interval_s if probe_interval_s is None else probe_interval_s
+            self.probe_bytes = self.probe_bytes if probe_bytes is None else probe_bytes
+            self.max_in_flight = self.max_in_flight if max_in_flight is None else max_in_flight
+
+    def snapshot(self) -> LinkSnapshot:
+        with self._lock:
+            c, now = self.controller, self._clock()
+            return LinkSnapshot(
+                budget=self.budget, suspended=c.suspended, connected=self._connected,
+                throughput_bps=self.link.throughput_bps, base_rtt_s=self.link.base_rtt_s,
+                bytes_per_patch=c.bytes_per_patch, budget_min=c.budget_min, budget_max=c.budget_max,
+                deadline_s=c.deadline_s, answered=self.answered_count, deadline_misses=self.deadline_misses,
+                probes=self.probes, in_flight=self.in_flight, max_in_flight=self.max_in_flight,
+                queued_bytes=self._queued_bytes(now), edge_s=self.edge_s)
+
+    # --- frames and requests ------------------------------------------------------------
+    def note_frame(self, edge_s: float) -> None:
+        """A frame was handled in ``edge_s`` (arrival -> decision), offloaded or not."""
+        with self._lock:
+            self._edge_times.append(max(0.0, edge_s))
+
+    def admit(self, *, arrival: float, fixed_budget: int = 0) -> Admission:
+        """The budget for a frame that arrived at ``arrival`` and wants offloading now.
+
+        ``fixed_budget`` > 0 is the user's B (fixed mode): no planning, only the uplink and the
+        window apply. In auto mode the controller's B is lowered until the request, queued
+        behind the bytes and the cloud work already in flight, meets this frame's deadline;
+        if not even ``budget_min`` does, the frame stays on the edge ('uplink busy').
+        """
+        with self._lock:
+            if not self._connected:
+                return Admission(0, 'no uplink', 'no_uplink')
+            if self.in_flight >= self.max_in_flight:
+                return Admission(0, 'window full', 'window_full')
+            if fixed_budget > 0:
+                return Admission(fixed_budget)
+            c = self.controller
+            if c.suspended:
+                return Admission(0, 'link too slow: offloading suspended', 'suspended')
+            now = self._clock()
+            due = arrival + c.safety * c.deadline_s
+            for b in range(c.budget, c.budget_min - 1, -1):
+                if self._predict(now, b)[1] <= due:
+                    return Admission(b)
+            return Admission(0, 'uplink busy: requests in flight fill the deadline', 'uplink_busy')
+
+    def _predict(self, now: float, patches: int) -> tuple[float, float]:
+        """(wait behind our own requests, answer time) of a request of ``patches`` sent now."""
+        if self.link.throughput_bps <= 0:
+            return 0.0, now  # nothing known yet: send, and learn from the answer
+        half_rtt = self.link.base_rtt_s / 2
+        upload_start = max(now, self._link_free_at)
+        at_cloud = upload_start + self.controller.request_bytes(patches) / self.link.throughput_bps + half_rtt
+        compute_start = max(at_cloud, self._cloud_free_at)
+        done = compute_start + self.link.server_time_s(patches) + half_rtt
+        wait = (upload_start - now) + (compute_start - at_cloud)
+        return wait, done
+
+    def _queued_bytes(self, now: float) -> float:
+        if self.link.throughput_bps <= 0 or self._link_free_at <= now:
+            return 0.0
+        return (self._link_free_at - now) * self.link.throughput_bps
 
     def sent(self, request_id: str, *, request_bytes: int, patches: int, payload_bytes: int,
-             edge_s: float = 0.0) -> None:
-        """A request (or probe, with patches=0) left now; ``edge_s`` is its frame's edge time."""
-        self._sent[request_id] = _Sent(self._clock(), request_bytes, patches, payload_bytes)
-        while len(self._sent) > 256:
-            self._sent.popitem(last=False)
-        if patches > 0:
-            self._edge_s = edge_s if self._edge_s <= 0 else 0.8 * self._edge_s + 0.2 * edge_s
-            self.controller.learn_payload(patches, payload_bytes)
+             edge_s: float = 0.0, deadline: float = math.inf, context: Any = None) -> None:
+        """A request (or a probe, with patches=0) left now.
 
-    def answered(self, request_id: str, server_s: float) -> Exchange | None:
-        """An answer arrived (in time or late: both measure the link). Returns the exchange."""
-        s = self._sent.pop(request_id, None)
-        if s is None:
-            return None
-        now = self._clock()
-        # A request sent while an earlier one still held the link only started to move when
-        # that one was through: time it from there, or queueing would read as a slow link.
-        start = max(s.t, self._last_answer_t)
-        self._last_answer_t = now
-        ex = Exchange(s.request_bytes, s.patches, s.payload_bytes, now - start, server_s)
-        self.answered_count += 1
-        self._learn(ex)
-        return ex
+        ``edge_s`` feeds the edge-time estimate when the caller does not call
+        :meth:`note_frame`; ``deadline`` (edge clock) is when its frame falls back.
+        """
+        with self._lock:
+            now = self._clock()
+            queue_s = 0.0
+            if patches > 0:
+                if edge_s > 0:
+                    self._edge_times.append(edge_s)
+                self.controller.learn_payload(patches, payload_bytes)
+                queue_s, _ = self._predict(now, patches)
+                # Book the request into the virtual queues (the prediction uses them).
+                if self.link.throughput_bps > 0:
+                    half_rtt = self.link.base_rtt_s / 2
+                    self._link_free_at = max(now, self._link_free_at) + request_bytes / self.link.throughput_bps
+                    self._cloud_free_at = max(self._link_free_at + half_rtt, self._cloud_free_at) \
+                        + self.link.server_time_s(patches)
+            # A probe has no frame waiting for it.
+            self._sent[request_id] = Request(request_id, now, request_bytes, patches, payload_bytes,
+                                             deadline, context, patches > 0, queue_s)
+            self._evict()
+
+    def _evict(self) -> None:
+        # Answered-late bookkeeping is bounded; a request whose frame still waits is never
+        # evicted (the window bounds those), or its frame would never get a result.
+        while len(self._sent) > 256:
+            victim = next((k for k, r in self._sent.items() if not r.waiting), None)
+            if victim is None:
+                break
+            del self._sent[victim]
+
+    def cancel(self, request_id: str) -> Request | None:
+        """Forget a request that could not be sent; returns it if its frame still waited."""
+        with self._lock:
+            r = self._sent.pop(request_id, None)
+            if not self._any_waiting():
+                self._link_free_at = self._cloud_free_at = -math.inf
+            return r if r is not None and r.waiting else None
+
+    def answered(self, request_id: str, server_s: float, compute_s: float = 0.0) -> Request | None:
+        """An answer arrived (in time or late: both measure the link).
+
+        Returns the request when this answer is the one its frame waits for, else None (a late
+        answer, a probe, or an id never sent: the caller must not act on those).
+        """
+        with self._lock:
+            r = self._sent.pop(request_id, None)
+            if r is None:
+                return None
+            now = self._clock()
+            # A request sent while an earlier one of ours still held the uplink only started to
+            # move once that one reached the cloud: time it from there, or queueing behind our
+            # own traffic would read as a slow link.
+            start = max(r.t, self._cloud_arrival_seen)
+            self._cloud_arrival_seen = max(self._cloud_arrival_seen, now - max(0.0, server_s))
+            ex = Exchange(r.request_bytes, r.patches, r.payload_bytes, now - start, server_s, compute_s)
+            self.answered_count += 1
+            self._learn(ex)
+            if not self._any_waiting():
+                self._link_free_at = self._cloud_free_at = -math.inf  # nothing of ours queued
+            claimed, r.waiting = r.waiting, False
+            return r if claimed else None
 
     def missed(self, request_id: str) -> None:
-        """No answer by the deadline. The link took at least this long, so it is at most this
-        fast; and whatever the estimate says, the budget halves at once (the request still
-        occupies the link, and the next one queues behind it)."""
-        s = self._sent.get(request_id)
-        if s is None:
-            return
+        """No answer by the deadline. The link took at least this long (less the wait behind
+        our own requests), so it is at most this fast; and whatever the estimate says, the
+        budget halves at once (the request still occupies the link)."""
+        with self._lock:
+            r = self._sent.get(request_id)
+            if r is None:
+                return
+            self._miss(r)
+
+    def _miss(self, r: Request) -> None:
         self.deadline_misses += 1
-        waited = self._clock() - s.t
-        self._learn(Exchange(s.request_bytes, 0, s.payload_bytes, waited, self.link.server_time_s(s.patches)))
+        waited = max(1e-3, self._clock() - r.t - r.queue_s)
+        self._learn(Exchange(r.request_bytes, 0, r.payload_bytes, waited, self.link.server_time_s(r.patches)))
         self.controller.back_off()
+
+    def expire(self) -> list[Request]:
+        """Requests whose frames reached their deadline now: each returned once, to fall back.
+
+        They stay known, so a late answer still measures the link.
+        """
+        with self._lock:
+            now = self._clock()
+            due = [r for r in self._sent.values() if r.waiting and r.deadline <= now]
+            for r in due:
+                r.waiting = False
+                self._miss(r)
+            return due
+
+    def next_deadline(self) -> float:
+        """Edge clock of the earliest deadline of a waiting request (inf if none)."""
+        with self._lock:
+            return min((r.deadline for r in self._sent.values() if r.waiting), default=math.inf)
+
+    def drain(self) -> list[Request]:
+        """Every request whose frame still waits, marked done (shutdown: each gets a fallback)."""
+        with self._lock:
+            out = [r for r in self._sent.values() if r.waiting]
+            for r in out:
+                r.waiting = False
+            return out
+
+    def _any_waiting(self) -> bool:
+        return any(r.waiting for r in self._sent.values())
 
     def _learn(self, ex: Exchange) -> None:
         self._last_evidence = self._clock()
         self.link.update(ex)
-        self.controller.update(self.link, self._edge_s)
+        self.controller.update(self.link, self.edge_s)
 
+    # --- probes -------------------------------------------------------------------------
     def probe_due(self) -> int:
         """Bytes of the probe to send now, or 0. Probes go out when the estimate is stale (no
         answer for ``probe_interval_s``), and 4x as often while suspended; they alternate
-        between a tiny one (base RTT) and a ``probe_bytes`` one (throughput)."""
-        interval = self.probe_interval_s / (4 if self.controller.suspended else 1)
-        if self._clock() - self._last_evidence < interval:
-            return 0
-        if any(self._clock() - s.t < interval for s in self._sent.values()):
-            return 0  # something is in flight: its answer will be the evidence
-        self._probe_small = not self._probe_small
-        self.probes += 1
-        return 64 if not self._probe_small else self.probe_bytes
+        between a tiny one (base RTT) and a ``probe_bytes`` one (throughput). The caller sends
+        it and reports it with :meth:`sent` (patches=0)."""
+        with self._lock:
+            if not self._connected:
+                return 0
+            now = self._clock()
+            interval = self.probe_interval_s / (4 if self.controller.suspended else 1)
+            if now - self._last_evidence < interval:
+                return 0
+            if any(now - s.t < interval for s in self._sent.values()):
+                return 0  # something is in flight: its answer will be the evidence
+            self._probe_small = not self._probe_small
+            self.probes += 1
+            return 64 if not self._probe_small else self.probe_bytes

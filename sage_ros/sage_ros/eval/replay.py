@@ -17,9 +17,10 @@ def _result_msg(frame: Any, stamp_ns: int, seq: int, edge: dict[str, Any]) -> An
     from sage_ros_msgs.msg import OffloadResult
 
     from sage_ros.core.labels import class_name
+    from sage_ros.params import starting_budget
 
     msg = OffloadResult(request_id=f'replay/{seq}', sequence=seq, method=edge['method'],
-                        budget_patches=int(edge['budget']), edge_label=frame.edge_label,
+                        budget_patches=starting_budget(edge), edge_label=frame.edge_label,
                         min_entropy=float(frame.score), patches_sent=int(frame.indices.size),
                         bytes_sent=int(frame.num_bytes))
     msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 10**9)

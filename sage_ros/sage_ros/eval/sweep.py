@@ -25,14 +25,13 @@ from sage_ros.core import (
     VitModel,
     coverage,
     decode_patches,
-    edge_forward,
     extract_patches,
     gate_score,
     load_vit,
     normalize,
-    plan_offload,
     server_forward_subset,
 )
+from sage_ros.core.pipeline import EdgePipeline
 from sage_ros.eval.bags import BagFrame, bag_fingerprint, count_frames, read_image_bag
 from sage_ros.eval.cache import EdgeRecord, EvalCache, ServerRecord, context_key
 
@@ -120,10 +119,10 @@ def _edge_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, tiny: Vi
     if todo <= 0:
         return
     batch: list[tuple[BagFrame, np.ndarray]] = []
+    pipeline = EdgePipeline(tiny)
 
     def flush() -> None:
-        x = normalize(np.stack([c for _, c in batch]), tiny.mean, tiny.std)
-        outs = edge_forward(tiny, x, embedding_source=cfg.embedding_source)
+        outs = pipeline.forward(np.stack([c for _, c in batch]), cfg.embedding_source)
         recs = []
         for (frame, _), out in zip(batch, outs):
             top = int(np.argmax(out.probs))
@@ -137,7 +136,7 @@ def _edge_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, tiny: Vi
         for frame in _frames(bag, cfg.limit):
             if frame.index in done:
                 continue
-            batch.append((frame, tiny.crop(frame.rgb, cfg.crop_pct)[0]))
+            batch.append((frame, pipeline.crop(frame.rgb, cfg.crop_pct)[0]))
             if len(batch) >= cfg.batch:
                 bar.update(len(batch))
                 flush()
@@ -162,7 +161,7 @@ def _jobs_for_frame(setting: Setting, crop: np.ndarray, rec: EdgeRecord,
                           method_params=cfg.method_params.get(setting.method, {}))
     # Selection reads only the attention and embeddings of the cached edge pass.
     edge = EdgeOutput(logits=np.empty(0), probs=np.empty(0), attention=rec.attention, embeddings=rec.embeddings)
-    plan = plan_offload(crop, edge, Budget(setting.budget), sel)
+    plan = EdgePipeline.plan_crop(crop, edge, Budget(setting.budget), sel)
     patches = decode_patches(plan.payload, plan.encoding, int(plan.indices.size))
     return plan.indices, patches, plan.num_bytes, plan.truncated_by_method
 
@@ -197,9 +196,10 @@ def _server_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, settin
         cache.commit()
         pending.clear()
 
+    pipeline = EdgePipeline(tiny)
     with tqdm(total=len(frames_needed), desc='server pass', unit='frame', disable=not progress) as bar:
         for frame in _frames(bag, cfg.limit, frames_needed):
-            crop = tiny.crop(frame.rgb, cfg.crop_pct)[0]
+            crop = pipeline.crop(frame.rgb, cfg.crop_pct)[0]
             for s in settings:
                 if frame.index in missing[s.key]:
                     ind, patches, nbytes, trunc = _jobs_for_frame(s, crop, records[frame.index], cfg)

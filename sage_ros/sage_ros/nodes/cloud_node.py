@@ -96,6 +96,8 @@ class _Request:
     data: bytes
     reply: Callable[[bytes], None]
     received_ns: int
+    started_ns: int = 0
+    """When the worker took it off the queue (0 while queued)."""
 
 
 class CloudNode(Node):
@@ -175,6 +177,7 @@ class CloudNode(Node):
                     self._cv.wait(timeout=0.2)
                     continue
                 req = self._queue.popleft()
+            req.started_ns = time.time_ns()
             try:
                 self._handle(req)
             except Exception as exc:  # the node outlives any single request
@@ -225,6 +228,7 @@ class CloudNode(Node):
             answer.header.frame_id = str(msg.header.frame_id)
             answer.request_id, answer.robot_id = str(msg.request_id), str(msg.robot_id)
         answer.received_stamp.sec, answer.received_stamp.nanosec = divmod(req.received_ns, 10**9)
+        answer.started_stamp.sec, answer.started_stamp.nanosec = divmod(req.started_ns or req.received_ns, 10**9)
         return answer
 
     def _answer_status(self, req: _Request, status: int, detail: str, msg: Any = None) -> None:
@@ -244,12 +248,16 @@ class CloudNode(Node):
             self.get_logger().warning(f'answer to {answer.request_id} not sent: {exc}', throttle_duration_sec=5.0)
 
     def destroy_node(self) -> None:
+        # Also called on a node whose __init__ failed part way: tear down what exists.
         self._running = False
-        with self._cv:
-            self._cv.notify_all()
-        self._worker.join(timeout=5.0)
-        if self._zenoh is not None:
-            self._sub.undeclare()
+        if hasattr(self, '_cv'):
+            with self._cv:
+                self._cv.notify_all()
+        if hasattr(self, '_worker'):
+            self._worker.join(timeout=1.5)
+        if getattr(self, '_zenoh', None) is not None:
+            if hasattr(self, '_sub'):
+                self._sub.undeclare()
             self._zenoh.close()
         super().destroy_node()
 

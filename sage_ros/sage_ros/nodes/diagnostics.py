@@ -7,10 +7,31 @@ one status per node, its counters as key/values, WARN while a watched counter gr
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from typing import Callable, Iterable
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.node import Node
+
+
+class Counters:
+    """Named event counters shared by a node's threads (camera callbacks, worker, transport)."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(names, 0)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def __getitem__(self, name: str) -> int:
+        with self._lock:
+            return self._counts[name]
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
 
 
 class CounterDiagnostics:

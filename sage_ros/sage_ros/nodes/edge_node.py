@@ -1,10 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
 """sage_edge: classify camera frames on the robot, offload the uncertain ones within budget.
 
-Every processed frame gets exactly one OffloadResult: from the edge (confident), from the
-cloud, or the edge's own label as a fallback when no usable answer arrives by the deadline.
-Frames that arrive while a frame is being processed replace each other: only the newest
-waits, the others are counted as dropped, so the node never works on stale frames.
+The node never waits on the network. A worker classifies the newest frame (frames arriving
+while it works replace each other and are counted as dropped); a confident frame gets its
+edge label at once; an uncertain one is sent to the cloud and the worker goes on with the
+next frame while up to ``max_in_flight`` requests are out. Every handled frame gets exactly
+one OffloadResult, as soon as it is known: the edge label, the cloud's answer when it comes,
+or the edge label as a fallback at the frame's deadline (or at once when the uplink is down,
+the window is full or the link is too slow). Results may therefore leave out of frame order;
+header stamp and sequence identify the frame.
+
+The Zenoh session opens in the background: the node is ready, and answers from the edge,
+whether or not a router is reachable; offloading starts by itself when one is.
 """
 
 from __future__ import annotations
@@ -14,40 +21,32 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
-import torch
+from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import serialize_message
-from diagnostic_msgs.msg import DiagnosticStatus, KeyValue
-from rcl_interfaces.msg import SetParametersResult
 from sage_ros_msgs.msg import BudgetStatus, CloudResult, OffloadResult, PatchSet
 from sensor_msgs.msg import CompressedImage, Image
 
-from sage_ros.core import (
-    Budget,
-    SageError,
-    edge_forward,
-    gate_score,
-    load_vit,
-    normalize,
-    plan_offload,
-    should_offload,
-)
+from sage_ros.core import Budget, SageError, load_vit
 from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import GATE_METRICS
-from sage_ros.core.link import BudgetController, UplinkMonitor
 from sage_ros.core.labels import class_name
+from sage_ros.core.link import LinkSnapshot
+from sage_ros.core.offload import OffloadPlan
+from sage_ros.core.pipeline import EdgePipeline, FrameDecision
 from sage_ros.core.preprocess import CropMap
 from sage_ros.core.selection import METHODS
-from sage_ros.nodes.diagnostics import CounterDiagnostics
+from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
-from sage_ros.params import config_path, selection_config
+from sage_ros.params import config_path, gate_config, selection_config, uplink_monitor
 from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
 from sage_ros.typestore import typestore
 
@@ -63,6 +62,8 @@ SPECS = {
     'zenoh_connect': Spec('Zenoh connect endpoints overriding the file (comma-separated)', read_only=True),
     'robot_id': Spec('robot id in requests ("" = namespace)', read_only=True),
     'deadline_ms': Spec('per-frame deadline from arrival, ms', float_range=(1.0, 600000.0)),
+    'max_in_flight': Spec('offloaded requests in flight at once', int_range=(1, 64)),
+    'provisional_topic': Spec('edge label of offloaded frames at once ("" = off)', read_only=True),
     'max_frame_age_s': Spec('skip frames stamped longer ago than this (0 = off)', float_range=(0.0, 1e9)),
     'model': Spec('timm edge model', read_only=True),
     'weights': Spec('checkpoint path, hub, hf-hub:..., or random[:SEED]', read_only=True),
@@ -97,12 +98,19 @@ class _Frame:
     rgb_source: Any
     header: Any
     received: float
+    """Edge monotonic clock at arrival: every deadline counts from here."""
 
 
 @dataclass
-class _Pending:
-    event: threading.Event
-    answer: Any = None
+class _Offload:
+    """What an offloaded frame needs to get its final result (kept in the link monitor)."""
+
+    result: OffloadResult
+    frame: _Frame
+
+
+def _stamp_s(t: Any) -> float:
+    return t.sec + t.nanosec * 1e-9
 
 
 class EdgeNode(Node):
@@ -110,32 +118,39 @@ class EdgeNode(Node):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('sage_edge', **kwargs)
+        self._running = True
         self._params = declare(self, 'sage_edge', SPECS)
         self.add_on_set_parameters_callback(validator(SPECS))
         self.add_on_set_parameters_callback(self._check_budget_bounds)
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
-        self._vit = load_vit(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
-        if self._vit.random_weights:
-            self.get_logger().warning(f'edge model {p["model"]} runs with RANDOM weights ({self._vit.weights}): '
+        vit = load_vit(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
+        if vit.random_weights:
+            self.get_logger().warning(f'edge model {p["model"]} runs with RANDOM weights ({vit.weights}): '
                                       'labels are meaningless')
+        self._pipeline = EdgePipeline(vit)
         # Load the class table and run one forward now, not inside the first frame's deadline
         # (the first pass through torch is several times slower than the next ones).
         class_name(0)
-        edge_forward(self._vit, torch.zeros(1, 3, self._vit.input_size, self._vit.input_size))
+        self._pipeline.forward(np.zeros((vit.input_size, vit.input_size, 3), np.uint8))
         self._robot_id = p['robot_id'] or self.get_namespace().strip('/')
         self._boot = secrets.token_hex(2)
         self._seq = itertools.count()
         # dropped: replaced by a newer frame while busy; lost: never reached the node (gaps in
         # the publishers' sequence numbers: the shallow camera queue overflowed, or the network).
-        self.stats = dict.fromkeys(('received', 'dropped', 'lost', 'rejected', 'stale', 'processed', 'edge', 'cloud',
-                                    'fallback', 'suspended', 'late_answers', 'bad_answers', 'truncated'), 0)
+        # no_uplink / window_full / uplink_busy / suspended: offload wanted, edge label given.
+        self.stats = Counters(('received', 'dropped', 'lost', 'rejected', 'stale', 'processed', 'edge', 'cloud',
+                               'fallback', 'timeouts', 'no_uplink', 'window_full', 'uplink_busy', 'suspended',
+                               'late_answers', 'bad_answers', 'truncated'))
         self._misses_reported = 0
         self._last_seq: dict[bytes, int] = {}
 
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._result_pub = self.create_publisher(OffloadResult, p['result_topic'], reliable)
+        self._provisional_pub = (self.create_publisher(OffloadResult, p['provisional_topic'], reliable)
+                                 if p['provisional_topic'] else None)
         self._debug_pub = self.create_publisher(Image, p['debug_image_topic'], 1)
+        # Camera: best effort and shallow, like image_pipeline: a late frame is worth nothing.
         camera_qos = QoSProfile(depth=2, reliability=qos_profile_sensor_data.reliability,
                                 durability=qos_profile_sensor_data.durability,
                                 history=qos_profile_sensor_data.history)
@@ -143,39 +158,26 @@ class EdgeNode(Node):
         if p['compressed_image_topic']:
             self.create_subscription(CompressedImage, p['compressed_image_topic'], self._on_compressed, camera_qos)
 
-        self._pending: dict[str, _Pending] = {}
-        self._lock = threading.Lock()
-        self._zenoh = None
-        if p['transport'] == 'zenoh':
-            from sage_ros.transport.zenoh_link import ZenohChannel, open_session, topic_to_key
-
-            self._zenoh = open_session(config_path(p['zenoh_config']), connect=p['zenoh_connect'])
-            put_key = topic_to_key(self.resolve_topic_name(p['patch_set_topic']))
-            sub_key = topic_to_key(self.resolve_topic_name(p['cloud_result_topic']))
-            self._channel = ZenohChannel(self._zenoh, put_key, sub_key, lambda _k, data: self._on_answer(data))
-            self._send = self._channel.put
-            self.get_logger().info(f'Zenoh: requests on {put_key!r}, answers from {sub_key!r}')
-        else:
-            req_pub = self.create_publisher(PatchSet, p['patch_set_topic'], reliable)
-            self._send = req_pub.publish  # serialized bytes are published as they are
-            self.create_subscription(CloudResult, p['cloud_result_topic'], self._on_answer, reliable, raw=True)
-
-        self._monitor = self._new_monitor(p)
+        self._monitor = uplink_monitor(p, connected=False)
+        self._uplink = _Uplink(self, p, reliable, self._on_answer)
         self._budget_pub = self.create_publisher(BudgetStatus, p['budget_topic'], reliable)
         self._last_budget_state: tuple = ()
         self.create_timer(0.25, self._tick_link)
-        CounterDiagnostics(self, lambda: self.stats, hardware_id=self._robot_id or 'robot',
+        CounterDiagnostics(self, self.stats.snapshot, hardware_id=self._robot_id or 'robot',
                            warn_on=('dropped', 'lost', 'rejected', 'stale', 'fallback', 'bad_answers'),
                            extra=self._link_status)
         self._slot: _Frame | None = None
         self._slot_cv = threading.Condition()
-        self._running = True
+        self._deadline_wake = threading.Event()
         self._worker = threading.Thread(target=self._work, name='sage_edge_worker', daemon=True)
+        self._deadlines = threading.Thread(target=self._watch_deadlines, name='sage_edge_deadlines', daemon=True)
         self._worker.start()
+        self._deadlines.start()
+        self._uplink.start()
         self.get_logger().info(
-            f'ready: {p["model"]} ({self._vit.weights}), gate {p["gate_metric"]} >= {p["eta"]}, '
+            f'ready: {p["model"]} ({vit.weights}), gate {p["gate_metric"]} >= {p["eta"]}, '
             f'{p["method"]} B={p["budget"] if p["budget_mode"] == "fixed" else "auto"}, codec {p["codec"]}, '
-            f'transport {p["transport"]}')
+            f'transport {p["transport"]}, up to {p["max_in_flight"]} requests in flight')
 
     # --- parameters -------------------------------------------------------------------------
     def _check_budget_bounds(self, params: list[Parameter]) -> SetParametersResult:
@@ -186,76 +188,74 @@ class EdgeNode(Node):
 
     def _on_params_set(self, params: list[Parameter]) -> None:
         # One new dict, swapped in whole: the worker reads a consistent snapshot per frame.
-        self._params = {**self._params, **{q.name: q.value for q in params}}
-        link_params = {'deadline_ms', 'budget_min', 'budget_max', 'budget_safety', 'probe_interval_s', 'probe_bytes'}
-        if link_params & {q.name for q in params}:
-            c, p = self._monitor.controller, self._params
-            c.deadline_s, c.budget_min, c.budget_max = p['deadline_ms'] / 1e3, p['budget_min'], p['budget_max']
-            c.safety = p['budget_safety']
-            c.budget = min(max(c.budget, c.budget_min), c.budget_max)
-            self._monitor.probe_interval_s, self._monitor.probe_bytes = p['probe_interval_s'], p['probe_bytes']
-
-    @staticmethod
-    def _new_monitor(p: dict[str, Any]) -> UplinkMonitor:
-        controller = BudgetController(deadline_s=p['deadline_ms'] / 1e3, budget_min=p['budget_min'],
-                                      budget_max=p['budget_max'], safety=p['budget_safety'])
-        return UplinkMonitor(controller, probe_interval_s=p['probe_interval_s'], probe_bytes=p['probe_bytes'])
+        self._params = p = {**self._params, **{q.name: q.value for q in params}}
+        self._monitor.configure(deadline_s=p['deadline_ms'] / 1e3, budget_min=p['budget_min'],
+                                budget_max=p['budget_max'], safety=p['budget_safety'],
+                                probe_interval_s=p['probe_interval_s'], probe_bytes=p['probe_bytes'],
+                                max_in_flight=p['max_in_flight'])
 
     # --- link -------------------------------------------------------------------------------
-    def _budget_now(self, p: dict[str, Any]) -> int:
-        """Budget for this frame: the monitor's in auto mode (0 = suspended), else the parameter."""
-        return self._monitor.budget if p['budget_mode'] == 'auto' else p['budget']
+    def _budget_now(self, p: dict[str, Any], snap: LinkSnapshot) -> int:
+        """Budget in force: the monitor's in auto mode (0 = suspended), else the parameter."""
+        return snap.budget if p['budget_mode'] == 'auto' else p['budget']
 
     def _tick_link(self) -> None:
         p = self._params
+        self._monitor.set_connected(self._uplink.connected())
         if p['budget_mode'] == 'auto':
             size = self._monitor.probe_due()
             if size:
                 self._send_probe(size)
-        m, c = self._monitor, self._monitor.controller
-        state = (self._budget_now(p), p['budget_mode'], c.suspended, round(m.link.throughput_bps, -2),
-                 m.deadline_misses)
+        snap = self._monitor.snapshot()
+        state = (self._budget_now(p, snap), p['budget_mode'], snap.suspended, snap.connected,
+                 round(snap.throughput_bps, -2), snap.deadline_misses)
         if state != self._last_budget_state:
             self._last_budget_state = state
-            self._budget_pub.publish(self._budget_status(p))
+            self._budget_pub.publish(self._budget_status(p, snap))
 
-    def _budget_status(self, p: dict[str, Any]) -> BudgetStatus:
-        m, c = self._monitor, self._monitor.controller
-        msg = BudgetStatus(budget=self._budget_now(p), mode=p['budget_mode'],
-                           suspended=p['budget_mode'] == 'auto' and c.suspended,
-                           throughput_bps=float(m.link.throughput_bps), base_rtt_ms=m.link.base_rtt_s * 1e3,
-                           bytes_per_patch=float(c.bytes_per_patch), deadline_ms=float(p['deadline_ms']),
-                           budget_min=c.budget_min, budget_max=c.budget_max, answered=m.answered_count,
-                           deadline_misses=m.deadline_misses, probes=m.probes)
+    def _budget_status(self, p: dict[str, Any], snap: LinkSnapshot) -> BudgetStatus:
+        msg = BudgetStatus(budget=self._budget_now(p, snap), mode=p['budget_mode'],
+                           suspended=p['budget_mode'] == 'auto' and snap.suspended,
+                           throughput_bps=float(snap.throughput_bps), base_rtt_ms=snap.base_rtt_s * 1e3,
+                           bytes_per_patch=float(snap.bytes_per_patch), deadline_ms=float(p['deadline_ms']),
+                           budget_min=snap.budget_min, budget_max=snap.budget_max, answered=snap.answered,
+                           deadline_misses=snap.deadline_misses, probes=snap.probes)
         msg.header.stamp = self.get_clock().now().to_msg()
         return msg
 
     def _send_probe(self, size: int) -> None:
-        rid = f'{self._robot_id or "robot"}/{self._boot}-probe{self._monitor.probes}'
+        rid = f'{self._robot_id or "robot"}/{self._boot}-probe{secrets.token_hex(4)}'
         probe = PatchSet(request_id=rid, robot_id=self._robot_id, method=PatchSet.METHOD_PROBE, encoding='raw',
                          payload=bytes(size))
         data = serialize_message(probe)
         self._monitor.sent(rid, request_bytes=len(data), patches=0, payload_bytes=size)
         try:
-            self._send(data)
+            self._uplink.send(data)
         except Exception as exc:
+            self._monitor.cancel(rid)
             self.get_logger().warning(f'probe not sent: {exc}', throttle_duration_sec=5.0)
 
     def _link_status(self) -> DiagnosticStatus:
-        p = self._params
-        m, c = self._monitor, self._monitor.controller
-        if p['budget_mode'] == 'auto' and c.suspended:
+        p, snap = self._params, self._monitor.snapshot()
+        auto = p['budget_mode'] == 'auto'
+        if auto and snap.suspended:
             level, text = DiagnosticStatus.ERROR, 'offloading suspended: even budget_min misses the deadline'
-        elif m.deadline_misses > self._misses_reported or (p['budget_mode'] == 'auto' and c.budget <= c.budget_min):
-            level, text = DiagnosticStatus.WARN, 'deadline misses' if m.deadline_misses > self._misses_reported \
-                else 'budget at its minimum'
+        elif not snap.connected:
+            level, text = DiagnosticStatus.WARN, f'no uplink: {self._uplink.state}; frames keep edge labels'
+        elif snap.deadline_misses > self._misses_reported:
+            level, text = DiagnosticStatus.WARN, 'deadline misses'
+        elif auto and snap.budget <= snap.budget_min:
+            level, text = DiagnosticStatus.WARN, 'budget at its minimum'
         else:
             level, text = DiagnosticStatus.OK, 'ok'
-        self._misses_reported = m.deadline_misses
-        values = {'budget': self._budget_now(p), 'mode': p['budget_mode'], 'throughput_kbit_s':
-                  f'{m.link.throughput_bps * 8 / 1e3:.1f}', 'base_rtt_ms': f'{m.link.base_rtt_s * 1e3:.1f}',
-                  'bytes_per_patch': f'{c.bytes_per_patch:.0f}', 'answered': m.answered_count,
-                  'deadline_misses': m.deadline_misses, 'probes': m.probes, 'suspended': c.suspended}
+        self._misses_reported = snap.deadline_misses
+        values = {'uplink': self._uplink.state, 'budget': self._budget_now(p, snap), 'mode': p['budget_mode'],
+                  'in_flight': snap.in_flight, 'max_in_flight': snap.max_in_flight,
+                  'queued_bytes': f'{snap.queued_bytes:.0f}',
+                  'throughput_kbit_s': f'{snap.throughput_bps * 8 / 1e3:.1f}',
+                  'base_rtt_ms': f'{snap.base_rtt_s * 1e3:.1f}', 'edge_ms': f'{snap.edge_s * 1e3:.1f}',
+                  'bytes_per_patch': f'{snap.bytes_per_patch:.0f}', 'answered': snap.answered,
+                  'deadline_misses': snap.deadline_misses, 'probes': snap.probes, 'suspended': snap.suspended}
         return DiagnosticStatus(level=level, name=f'{self.get_fully_qualified_name()}: link', message=text,
                                 hardware_id=self._robot_id or 'robot',
                                 values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
@@ -269,15 +269,15 @@ class EdgeNode(Node):
         key = bytes(gid)
         last = self._last_seq.get(key)
         if last is not None and seq > last + 1:
-            self.stats['lost'] += seq - last - 1
+            self.stats.add('lost', seq - last - 1)
         self._last_seq[key] = seq
 
     def _offer(self, frame: _Frame, info: Any) -> None:
         self._count_gaps(info)
+        self.stats.add('received')
         with self._slot_cv:
-            self.stats['received'] += 1
             if self._slot is not None:
-                self.stats['dropped'] += 1
+                self.stats.add('dropped')
             self._slot = frame
             self._slot_cv.notify()
 
@@ -293,23 +293,34 @@ class EdgeNode(Node):
             # can crash on hostile input (found by fuzzing the cloud's side).
             answer = typestore().deserialize_cdr(bytes(data), 'sage_ros_msgs/msg/CloudResult')
         except Exception as exc:  # rosbags raises several types on bad CDR
-            self.stats['bad_answers'] += 1
+            self.stats.add('bad_answers')
             self.get_logger().warning(f'malformed cloud answer ({len(data)} B): {exc}', throttle_duration_sec=5.0)
             return
-        server_s = max(0.0, (answer.sent_stamp.sec - answer.received_stamp.sec)
-                       + (answer.sent_stamp.nanosec - answer.received_stamp.nanosec) / 1e9)
-        with self._lock:
-            self._monitor.answered(answer.request_id, server_s)
-            if answer.status == CloudResult.STATUS_PROBE:
-                return
-            pending = self._pending.get(answer.request_id)
-            if pending is not None:
-                pending.answer = answer
-                pending.event.set()
-                return
-            self.stats['late_answers'] += 1
-        self.get_logger().info(f'late or unknown cloud answer for {answer.request_id!r} dropped',
-                               throttle_duration_sec=5.0)
+        sent, received, started = (_stamp_s(t) for t in (answer.sent_stamp, answer.received_stamp,
+                                                           answer.started_stamp))
+        server_s = max(0.0, sent - received)
+        compute_s = max(0.0, sent - started) if started > 0 else 0.0
+        # Only an answer to a request of ours whose frame still waits is acted on: late ones
+        # and ids we never sent only count (a forged answer cannot set a label).
+        request = self._monitor.answered(str(answer.request_id), server_s, compute_s)
+        if request is None:
+            if answer.status != CloudResult.STATUS_PROBE:
+                self.stats.add('late_answers')
+                self.get_logger().info(f'late or unknown cloud answer for {answer.request_id!r} dropped',
+                                       throttle_duration_sec=5.0)
+            return
+        job: _Offload = request.context
+        if answer.status != CloudResult.STATUS_OK or not len(answer.labels):
+            status = {CloudResult.STATUS_BUSY: 'busy', CloudResult.STATUS_REJECTED: 'rejected'}.get(
+                answer.status, 'error')
+            self._fallback(job.result, job.frame, f'cloud {status}: {answer.detail}'.rstrip(': '))
+            return
+        result = job.result
+        result.source = OffloadResult.SOURCE_CLOUD
+        result.label = int(answer.labels[0])
+        result.confidence = float(answer.scores[0]) if len(answer.scores) else 0.0
+        result.random_weights = result.random_weights or str(answer.server_weights).startswith('random')
+        self._publish(result, job.frame)
 
     # --- work ---------------------------------------------------------------------------
     def _work(self) -> None:
@@ -318,111 +329,100 @@ class EdgeNode(Node):
                 if self._slot is None:
                     self._slot_cv.wait(timeout=0.2)
                 frame, self._slot = self._slot, None
-            if frame is not None:
-                self._process(frame)
+            if frame is not None and self._running:
+                try:
+                    self._process(frame)
+                except Exception as exc:  # a frame must never take the node down
+                    self.stats.add('rejected')
+                    self.get_logger().error(f'frame failed: {exc}', throttle_duration_sec=5.0)
+
+    def _watch_deadlines(self) -> None:
+        """Fall back, at its deadline, every frame whose answer has not come."""
+        while self._running:
+            for request in self._monitor.expire():
+                self.stats.add('timeouts')
+                job: _Offload = request.context
+                self._fallback(job.result, job.frame, 'timeout')
+            wait = self._monitor.next_deadline() - time.monotonic()
+            self._deadline_wake.wait(min(0.1, max(0.001, wait)))
+            self._deadline_wake.clear()
 
     def _process(self, frame: _Frame) -> None:
         p = self._params
         if p['max_frame_age_s'] > 0:
-            stamp = frame.header.stamp.sec + frame.header.stamp.nanosec * 1e-9
-            age = self.get_clock().now().nanoseconds * 1e-9 - stamp
+            age = self.get_clock().now().nanoseconds * 1e-9 - _stamp_s(frame.header.stamp)
             if age > p['max_frame_age_s']:
-                self.stats['stale'] += 1
+                self.stats.add('stale')
                 self.get_logger().warning(f'frame skipped: stamped {age:.1f} s ago', throttle_duration_sec=5.0)
                 return
         try:
             src = frame.rgb_source
             rgb = compressed_to_rgb(src) if isinstance(src, CompressedImage) else image_to_rgb(src)
+            decision = self._pipeline.analyze(rgb, gate_config(p))
         except (SageError, ValueError) as exc:
-            self.stats['rejected'] += 1
+            self.stats.add('rejected')
             self.get_logger().warning(f'frame skipped: {exc}', throttle_duration_sec=5.0)
             return
-        self.stats['processed'] += 1
+        self._monitor.note_frame(time.monotonic() - frame.received)
+        self.stats.add('processed')
         seq = next(self._seq)
-        request_id = f'{self._robot_id or "robot"}/{self._boot}-{seq}'
-        budget = self._budget_now(p)
-        result = OffloadResult(header=frame.header, request_id=request_id, sequence=seq,
-                               method=p['method'], budget_patches=budget,
-                               random_weights=self._vit.random_weights)
-        try:
-            crop, cmap = self._vit.crop(rgb, p['crop_pct'])
-            edge = edge_forward(self._vit, normalize(crop, self._vit.mean, self._vit.std),
-                                embedding_source=p['embedding_source'])[0]
-        except Exception as exc:  # a frame must never take the node down
-            self.stats['rejected'] += 1
-            self.get_logger().error(f'edge model failed on frame {request_id}: {exc}')
-            return
-        top, conf = edge.topk(p['topk'])
-        score = gate_score(edge.probs, p['gate_metric'])
-        result.label = result.edge_label = int(top[0])
-        result.confidence = float(conf[0])
-        result.min_entropy = float(gate_score(edge.probs, 'min_entropy'))
-        if not should_offload(score, p['eta']):
+        result = OffloadResult(header=frame.header, request_id=f'{self._robot_id or "robot"}/{self._boot}-{seq}',
+                               sequence=seq, method=p['method'], random_weights=self._pipeline.vit.random_weights,
+                               label=decision.label, edge_label=decision.label,
+                               confidence=decision.confidence, min_entropy=decision.min_entropy)
+        auto = p['budget_mode'] == 'auto'
+        result.budget_patches = self._monitor.budget if auto else p['budget']
+        if not decision.offload:
             result.source = OffloadResult.SOURCE_EDGE
             self._publish(result, frame)
             return
-        if budget == 0:
-            self.stats['suspended'] += 1
-            self._fallback(result, frame, 'link too slow: offloading suspended')
+        admission = self._monitor.admit(arrival=frame.received, fixed_budget=0 if auto else p['budget'])
+        if not admission.budget:
+            self.stats.add(admission.cause)
+            self._fallback(result, frame, admission.reason)
             return
+        result.budget_patches = admission.budget
         try:
-            plan = plan_offload(crop, edge, Budget(budget, p['byte_budget']), selection_config(p))
+            plan = self._pipeline.plan(decision, Budget(admission.budget, p['byte_budget']), selection_config(p))
         except SageError as exc:
             self._fallback(result, frame, f'selection failed: {exc}')
             return
-        self.stats['truncated'] += plan.truncated_by_method
-        self._publish_debug(rgb, cmap, plan.indices, frame.header)
-        request = self._request(result, frame, cmap, plan, edge, top, conf, p, budget)
+        self.stats.add('truncated', plan.truncated_by_method)
+        self._publish_debug(rgb, decision.crop_map, plan.indices, frame.header)
         result.patches_sent, result.bytes_sent = int(plan.indices.size), plan.num_bytes
-        pending = _Pending(threading.Event())
-        with self._lock:
-            self._pending[request_id] = pending
+        data = serialize_message(self._patch_set(result, frame, decision, plan, p))
+        self._monitor.sent(result.request_id, request_bytes=len(data), patches=int(plan.indices.size),
+                           payload_bytes=plan.num_bytes, deadline=frame.received + p['deadline_ms'] / 1e3,
+                           context=_Offload(result, frame))
+        self._deadline_wake.set()
+        self._publish_provisional(result)
         try:
-            data = serialize_message(request)
-            with self._lock:
-                self._monitor.sent(request_id, request_bytes=len(data), patches=int(plan.indices.size),
-                                   payload_bytes=plan.num_bytes, edge_s=time.monotonic() - frame.received)
-            self._send(data)
-            remaining = p['deadline_ms'] / 1e3 - (time.monotonic() - frame.received)
-            pending.event.wait(max(0.0, remaining))
-        except Exception as exc:  # transport errors fall back; the frame still gets its answer
-            self.get_logger().warning(f'send failed for {request_id}: {exc}', throttle_duration_sec=5.0)
-        finally:
-            with self._lock:
-                self._pending.pop(request_id, None)
-        answer = pending.answer
-        if answer is None:
-            with self._lock:
-                self._monitor.missed(request_id)
-            self._fallback(result, frame, 'timeout')
-        elif answer.status != CloudResult.STATUS_OK or not len(answer.labels):
-            status = {CloudResult.STATUS_BUSY: 'busy', CloudResult.STATUS_REJECTED: 'rejected'}.get(
-                answer.status, 'error')
-            self._fallback(result, frame, f'cloud {status}: {answer.detail}'.rstrip(': '))
-        else:
-            result.source = OffloadResult.SOURCE_CLOUD
-            result.label = int(answer.labels[0])
-            result.confidence = float(answer.scores[0]) if len(answer.scores) else 0.0
-            result.random_weights = result.random_weights or str(answer.server_weights).startswith('random')
-            self._publish(result, frame)
+            self._uplink.send(data)
+        except Exception as exc:  # the frame still gets its answer, from the edge
+            if self._monitor.cancel(result.request_id) is not None:
+                self._fallback(result, frame, f'send failed: {exc}')
 
-    def _request(self, result, frame, cmap: CropMap, plan, edge, top, conf, p, budget: int) -> PatchSet:
-        now = self.get_clock().now().to_msg()
+    def _patch_set(self, result: OffloadResult, frame: _Frame, decision: FrameDecision, plan: OffloadPlan,
+                   p: dict[str, Any]) -> PatchSet:
+        cmap: CropMap = decision.crop_map
+        vit = self._pipeline.vit
         return PatchSet(
             header=frame.header, request_id=result.request_id, robot_id=self._robot_id,
-            sequence=result.sequence, sent_stamp=now,
+            sequence=result.sequence, sent_stamp=self.get_clock().now().to_msg(),
             source_width=cmap.source_width, source_height=cmap.source_height,
             resized_width=cmap.resized_width, resized_height=cmap.resized_height,
             crop_x=cmap.crop_x, crop_y=cmap.crop_y, input_size=cmap.input_size,
-            patch_size=self._vit.patch_size, grid_rows=self._vit.grid[0], grid_cols=self._vit.grid[1],
-            budget_patches=budget, budget_bytes=p['byte_budget'], method=p['method'],
+            patch_size=vit.patch_size, grid_rows=vit.grid[0], grid_cols=vit.grid[1],
+            budget_patches=result.budget_patches, budget_bytes=p['byte_budget'], method=p['method'],
             prefilter_ratio=float(p['prefilter_ratio']), indices=plan.indices.astype(np.uint16),
             encoding=plan.encoding, quality=plan.quality, payload=plan.payload,
-            edge_model=self._vit.name, edge_weights=self._vit.weights,
-            edge_topk_labels=top.astype(np.int32), edge_topk_scores=conf.astype(np.float32),
+            edge_model=vit.name, edge_weights=vit.weights,
+            edge_topk_labels=decision.top_labels.astype(np.int32),
+            edge_topk_scores=decision.top_scores.astype(np.float32),
             edge_min_entropy=result.min_entropy, eta=float(p['eta']),
         )
 
+    # --- output -------------------------------------------------------------------------
     def _fallback(self, result: OffloadResult, frame: _Frame, why: str) -> None:
         result.source = OffloadResult.SOURCE_EDGE_FALLBACK
         result.detail = why
@@ -432,8 +432,22 @@ class EdgeNode(Node):
         result.label_name = class_name(result.label)
         result.latency_ms = (time.monotonic() - frame.received) * 1e3
         key = {OffloadResult.SOURCE_EDGE: 'edge', OffloadResult.SOURCE_CLOUD: 'cloud'}.get(result.source, 'fallback')
-        self.stats[key] += 1
+        self.stats.add(key)
         self._result_pub.publish(result)
+
+    def _publish_provisional(self, result: OffloadResult) -> None:
+        # The edge label while the cloud works, for consumers that act on every frame at once
+        # (a controller at camera rate); sage/result keeps exactly one final result per frame.
+        if self._provisional_pub is None or self._provisional_pub.get_subscription_count() == 0:
+            return
+        msg = OffloadResult(header=result.header, request_id=result.request_id, sequence=result.sequence,
+                            source=OffloadResult.SOURCE_EDGE, label=result.edge_label,
+                            label_name=class_name(result.edge_label), confidence=result.confidence,
+                            min_entropy=result.min_entropy, edge_label=result.edge_label,
+                            patches_sent=result.patches_sent, bytes_sent=result.bytes_sent,
+                            budget_patches=result.budget_patches, method=result.method, detail='provisional',
+                            random_weights=result.random_weights)
+        self._provisional_pub.publish(msg)
 
     def _publish_debug(self, rgb: np.ndarray, cmap: CropMap, indices: np.ndarray, header: Any) -> None:
         # Drawing costs a copy of the frame: only while someone looks.
@@ -441,20 +455,122 @@ class EdgeNode(Node):
             return
         canvas = np.ascontiguousarray(rgb[:, :, ::-1])
         for i in indices.tolist():
-            x0, y0, x1, y1 = (int(round(v)) for v in cmap.patch_box(i, self._vit.patch_size))
+            x0, y0, x1, y1 = (int(round(v)) for v in cmap.patch_box(i, self._pipeline.vit.patch_size))
             cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 255), 1)
         msg = Image(header=header, **rgb_to_image_fields(canvas[:, :, ::-1], 'bgr8'))
         self._debug_pub.publish(msg)
 
     def destroy_node(self) -> None:
+        # Also called on a node whose __init__ failed part way: tear down what exists.
         self._running = False
-        with self._slot_cv:
-            self._slot_cv.notify_all()
-        self._worker.join(timeout=5.0)
-        if self._zenoh is not None:
-            self._channel.close()
-            self._zenoh.close()
+        if hasattr(self, '_slot_cv'):
+            with self._slot_cv:
+                self._slot_cv.notify_all()
+            self._deadline_wake.set()
+            self._worker.join(timeout=1.0)
+            self._deadlines.join(timeout=0.5)
+        if hasattr(self, '_monitor'):
+            # Frames still waiting for the cloud get their edge label: one result each, always.
+            for request in self._monitor.drain():
+                job: _Offload = request.context
+                self._fallback(job.result, job.frame, 'shutdown')
+        if hasattr(self, '_uplink'):
+            self._uplink.close()
         super().destroy_node()
+
+
+class _Uplink:
+    """The edge's side of the transport: sending requests, receiving answers, and whether the
+    cloud is reachable. Zenoh: the session opens (and reopens) in a background thread, so the
+    node never waits on the network. ros: plain topics, reachable while something subscribes."""
+
+    def __init__(self, node: Node, p: dict[str, Any], qos: QoSProfile, on_answer: Callable[[bytes], None]) -> None:
+        self._node = node
+        self._p = p
+        self._on_answer = on_answer
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._session: Any = None
+        self._channel: Any = None
+        self._publisher: Any = None
+        self._thread: threading.Thread | None = None
+        self.state = 'connecting'
+        if p['transport'] == 'zenoh':
+            from sage_ros.transport.zenoh_link import load_config, topic_to_key
+
+            # A config that cannot be read is a configuration error: fail at start, not later.
+            self._config = load_config(config_path(p['zenoh_config']), connect=p['zenoh_connect'])
+            self._put_key = topic_to_key(node.resolve_topic_name(p['patch_set_topic']))
+            self._sub_key = topic_to_key(node.resolve_topic_name(p['cloud_result_topic']))
+        else:
+            self._publisher = node.create_publisher(PatchSet, p['patch_set_topic'], qos)
+            node.create_subscription(CloudResult, p['cloud_result_topic'], on_answer, qos, raw=True)
+
+    def start(self) -> None:
+        if self._publisher is None:
+            self._thread = threading.Thread(target=self._open, name='sage_edge_uplink', daemon=True)
+            self._thread.start()
+
+    def _open(self) -> None:
+        import zenoh
+
+        from sage_ros.transport.zenoh_link import ZenohChannel
+
+        log = self._node.get_logger()
+        while not self._closed.is_set():
+            try:
+                # Blocks until a router answers (the shipped config retries for ever).
+                session = zenoh.open(self._config)
+            except Exception as exc:  # zenoh.ZError: no router within the config's timeout
+                self.state = 'no router'
+                log.warning(f'uplink: {exc}; retrying', throttle_duration_sec=30.0)
+                self._closed.wait(1.0)
+                continue
+            channel = ZenohChannel(session, self._put_key, self._sub_key, lambda _k, data: self._on_answer(data))
+            with self._lock:
+                if self._closed.is_set():
+                    channel.close()
+                    session.close()
+                    return
+                self._session, self._channel = session, channel
+            log.info(f'Zenoh: requests on {self._put_key!r}, answers from {self._sub_key!r}')
+            return
+
+    def connected(self) -> bool:
+        """Is the cloud reachable now? Zenoh: the session has a router (or peer); it reconnects
+        by itself after a router restart. ros: something subscribes to the requests."""
+        if self._publisher is not None:
+            ok = self._publisher.get_subscription_count() > 0
+            self.state = 'connected' if ok else 'no subscriber'
+            return ok
+        with self._lock:
+            session = self._session
+        if session is None:
+            return False
+        try:
+            ok = bool(list(session.info.routers_zid()) or list(session.info.peers_zid()))
+        except Exception:
+            ok = False
+        self.state = 'connected' if ok else 'router lost'
+        return ok
+
+    def send(self, data: bytes) -> None:
+        if self._publisher is not None:
+            self._publisher.publish(data)  # serialized bytes are published as they are
+            return
+        with self._lock:
+            channel = self._channel
+        if channel is None:
+            raise RuntimeError('no uplink')
+        channel.put(data)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._session.close()
+            self._session = self._channel = None
 
 
 def main(args: list[str] | None = None) -> None:
