@@ -6,16 +6,25 @@ Duck-typed on the message fields, so it imports no ROS module and is tested with
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import cv2
 import numpy as np
+from PIL import BmpImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from sage_ros.core.errors import PreprocessError
-from sage_ros.core.preprocess import CHANNELS, to_rgb
+from sage_ros.core.preprocess import CHANNELS, MAX_PIXELS, check_frame_geometry, to_rgb
 
-# Frames larger than this are refused before any copy (a 16k x 16k RGB frame is 768 MB).
-MAX_PIXELS = 50_000_000
+# Compressed formats whose header is read (by Pillow, no pixels decoded) before OpenCV decodes
+# them, told apart by their magic bytes. Anything else is refused: its size cannot be known
+# without decoding it.
+_HEADERS = (
+    ('PNG', b'\x89PNG\r\n\x1a\n', PngImagePlugin.PngImageFile),
+    ('JPEG', b'\xff\xd8\xff', JpegImagePlugin.JpegImageFile),
+    ('WebP', b'RIFF', WebPImagePlugin.WebPImageFile),  # RIFF....WEBP
+    ('BMP', b'BM', BmpImagePlugin.BmpImageFile),
+)
 
 
 def image_to_rgb(msg: Any) -> np.ndarray:
@@ -28,10 +37,7 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     if enc not in CHANNELS:
         raise PreprocessError(f'unsupported image encoding {msg.encoding!r}')
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    if h <= 0 or w <= 0:
-        raise PreprocessError(f'empty image {w}x{h}')
-    if h * w > MAX_PIXELS:
-        raise PreprocessError(f'image {w}x{h} exceeds {MAX_PIXELS} pixels')
+    check_frame_geometry(w, h)
     ch = CHANNELS[enc]
     row = w * ch
     if step < row:
@@ -44,14 +50,49 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     return to_rgb(rows.reshape(h, w, ch), enc)
 
 
+def read_compressed_size(data: bytes, fmt: str = '') -> tuple[str, int, int]:
+    """(format, width, height) from a compressed image's header, without decoding a pixel.
+
+    ``fmt`` is the message's ``format`` field, only quoted in errors. Raises
+    :class:`PreprocessError` when the data is not a PNG, JPEG, WebP or BMP image or its header
+    cannot be read.
+    """
+    for name, magic, reader in _HEADERS:
+        if not data.startswith(magic) or (name == 'WebP' and data[8:12] != b'WEBP'):
+            continue
+        try:
+            with reader(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Image.DecompressionBombError as exc:
+            # Pillow refuses some headers itself, always far above MAX_PIXELS.
+            raise PreprocessError(f'{name} image exceeds {MAX_PIXELS} pixels: {exc}') from None
+        except Exception as exc:  # Pillow raises many types for a broken header
+            raise PreprocessError(f'cannot read the {name} header of a compressed image '
+                                  f'(format {fmt!r}): {exc}') from None
+        return name, int(width), int(height)
+    names = [name for name, _, _ in _HEADERS]
+    raise PreprocessError(f'compressed image (format {fmt!r}, starting {data[:8].hex(" ")}) is not '
+                          f'a {", ".join(names[:-1])} or {names[-1]} image')
+
+
 def compressed_to_rgb(msg: Any) -> np.ndarray:
-    """A sensor_msgs/CompressedImage (jpeg/png) as HxWx3 uint8 RGB."""
-    buf = np.frombuffer(bytes(msg.data), np.uint8)
-    if buf.size == 0:
+    """A sensor_msgs/CompressedImage (png, jpeg, webp or bmp) as HxWx3 uint8 RGB.
+
+    The size in the image header is checked with :func:`check_frame_geometry` before anything
+    is decoded, so a small file claiming a huge image costs no more than reading its header.
+    """
+    data = bytes(msg.data)
+    if not data:
         raise PreprocessError('empty compressed image')
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    name, w, h = read_compressed_size(data, str(msg.format))
+    check_frame_geometry(w, h)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
-        raise PreprocessError(f'cannot decode compressed image (format {msg.format!r})')
+        raise PreprocessError(f'cannot decode compressed image ({name}, format {msg.format!r})')
+    # OpenCV applies the EXIF orientation, so a rotated JPEG decodes as h x w; any other size
+    # means the decoder read something the header did not describe.
+    if img.shape[:2] not in ((h, w), (w, h)):
+        raise PreprocessError(f'{name} header says {w}x{h} but it decoded to {img.shape[1]}x{img.shape[0]}')
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 

@@ -191,13 +191,14 @@ def test_several_image_topics_need_a_choice(six, tmp_path):
             img = store.types['sensor_msgs/msg/Image'](
                 header=store.types['std_msgs/msg/Header'](
                     stamp=store.types['builtin_interfaces/msg/Time'](sec=1, nanosec=0), frame_id='c'),
-                height=1, width=2, encoding='mono8', is_bigendian=0, step=2, data=np.array([7, 9], np.uint8))
+                height=16, width=32, encoding='mono8', is_bigendian=0, step=32,
+                data=np.tile(np.array([7, 9], np.uint8), 16 * 16))  # 16 px: the shortest side accepted
             writer.write(conn, 1_000_000_000, store.serialize_cdr(img, 'sensor_msgs/msg/Image'))
     with pytest.raises(ValueError, match='several image topics'):
         read_image_bag(out)
     [frame] = read_image_bag(out, image_topic='/right/image_raw')
     assert frame.label is None and frame.stamp_ns == 1_000_000_000
-    np.testing.assert_array_equal(frame.rgb, [[[7, 7, 7], [9, 9, 9]]])
+    np.testing.assert_array_equal(frame.rgb, np.tile(np.array([[[7, 7, 7], [9, 9, 9]]], np.uint8), (16, 16, 1)))
 
 
 def test_fingerprint(six, tmp_path):

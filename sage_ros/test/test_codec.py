@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from sage_ros.core import CodecError, decode_patches, encode_patches, encode_within_budget, extract_patches
+from sage_ros.core import BudgetError, CodecError, decode_patches, encode_patches, encode_within_budget, extract_patches
 from sage_ros.core.codec import mosaic_shape, place_patches
 from sage_ros.core.preprocess import resize_crop
 
@@ -65,8 +65,14 @@ def test_encode_within_budget_fits_and_keeps_a_prefix(real_images, encoding):
     crop, _ = resize_crop(real_images[2])
     patches = extract_patches(crop, np.arange(96))
     full = encode_patches(patches, encoding, quality=90)
+    one = len(encode_patches(patches[:1], encoding, quality=90))
     for max_bytes in (0, 1, 800, len(full) // 2, len(full), len(full) * 2):
+        if 0 < max_bytes < one:
+            with pytest.raises(BudgetError, match='cannot hold one'):
+                encode_within_budget(patches, encoding, quality=90, max_bytes=max_bytes)
+            continue
         data, kept = encode_within_budget(patches, encoding, quality=90, max_bytes=max_bytes)
+        assert kept >= 1
         assert max_bytes == 0 or len(data) <= max_bytes
         assert data == encode_patches(patches[:kept], encoding, quality=90)
         if max_bytes == 0 or max_bytes >= len(full):

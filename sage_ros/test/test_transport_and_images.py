@@ -39,8 +39,9 @@ def test_padded_rows_are_read_through_step(real_images):
 
 
 @pytest.mark.parametrize(('fields', 'match'), [
-    ({'height': 10, 'width': 10, 'encoding': 'rgb8', 'step': 30, 'data': bytes(299)}, 'needs'),
-    ({'height': 10, 'width': 10, 'encoding': 'rgb8', 'step': 20, 'data': bytes(300)}, 'step'),
+    ({'height': 20, 'width': 20, 'encoding': 'rgb8', 'step': 60, 'data': bytes(1199)}, 'needs'),
+    ({'height': 20, 'width': 20, 'encoding': 'rgb8', 'step': 40, 'data': bytes(1200)}, 'step'),
+    ({'height': 10, 'width': 10, 'encoding': 'rgb8', 'step': 30, 'data': bytes(300)}, 'shorter side 10 px'),
     ({'height': 0, 'width': 10, 'encoding': 'rgb8', 'step': 30, 'data': b''}, 'empty'),
     ({'height': 10, 'width': 10, 'encoding': '16UC1', 'step': 20, 'data': bytes(200)}, 'unsupported'),
     ({'height': 100000, 'width': 100000, 'encoding': 'mono8', 'step': 100000, 'data': b''}, 'exceeds'),

@@ -1,7 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Core of sage_ros with no ROS imports: models, preprocessing, gate, selection, codec, budget."""
 
-from sage_ros.core.codec import decode_patches, encode_patches, encode_within_budget, extract_patches
+from sage_ros.core.codec import (
+    decode_patches,
+    encode_patches,
+    encode_within_budget,
+    extract_patches,
+    min_payload_bytes,
+)
 from sage_ros.core.errors import (
     BudgetError,
     CodecError,
@@ -12,8 +18,15 @@ from sage_ros.core.errors import (
 )
 from sage_ros.core.gate import gate_score, margin_uncertainty, min_entropy, shannon_entropy, should_offload
 from sage_ros.core.models import EdgeOutput, VitModel, edge_forward, load_vit, server_forward_subset
-from sage_ros.core.offload import Budget, OffloadPlan, SelectionConfig, classify_patches, plan_offload
-from sage_ros.core.preprocess import CropMap, normalize, resize_crop, to_rgb
+from sage_ros.core.offload import (
+    Budget,
+    OffloadPlan,
+    SelectionConfig,
+    check_byte_budget,
+    classify_patches,
+    plan_offload,
+)
+from sage_ros.core.preprocess import CropMap, check_frame_geometry, normalize, resize_crop, to_rgb
 from sage_ros.core.selection import (
     METHODS,
     Selection,
@@ -43,6 +56,8 @@ __all__ = [
     'SelectionError',
     'VitModel',
     'WeightsError',
+    'check_byte_budget',
+    'check_frame_geometry',
     'classify_patches',
     'coverage',
     'decode_patches',
@@ -54,6 +69,7 @@ __all__ = [
     'load_vit',
     'margin_uncertainty',
     'min_entropy',
+    'min_payload_bytes',
     'normalize',
     'plan_offload',
     'resize_crop',

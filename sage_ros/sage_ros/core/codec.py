@@ -8,6 +8,7 @@ patches edge to edge into a mosaic whose 16x16 cells line up with JPEG's 8x8 blo
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from typing import TYPE_CHECKING
@@ -28,6 +29,23 @@ ENCODINGS = ('raw', 'png', 'jpeg')
 def raw_patch_bytes(patch: int = PATCH) -> int:
     """Bytes of one raw RGB patch."""
     return patch * patch * 3
+
+
+@functools.lru_cache(maxsize=64)
+def min_payload_bytes(encoding: str, *, quality: int = 90, patch: int = PATCH) -> int:
+    """Payload bytes of the smallest one-patch request :func:`encode_patches` makes.
+
+    A lower bound for byte budgets: a budget under it can carry no patch at all. It is the
+    smallest encoding of a flat patch (black, grey or white), which compresses best; real
+    patches are usually larger (a detailed jpeg patch at quality 90 is ~850 B against ~630 B),
+    so a budget at exactly this bound may still fit no patch of a real frame.
+    """
+    if encoding == 'raw':
+        return raw_patch_bytes(patch)
+    return min(
+        len(encode_patches(np.full((1, patch, patch, 3), value, np.uint8), encoding, quality=quality))
+        for value in (0, 128, 255)
+    )
 
 
 def extract_patches(image: np.ndarray, indices: ArrayLike, *, patch: int = PATCH) -> np.ndarray:
@@ -149,7 +167,8 @@ def encode_within_budget(
     """Encode the longest prefix of ``patches`` whose payload fits ``max_bytes`` (0: no limit).
 
     Patches are in selection order, so dropping from the end drops the least important.
-    Returns the payload and how many patches it holds.
+    Returns the payload and how many patches it holds. Raises :class:`BudgetError` when
+    ``max_bytes`` cannot hold even the first patch, rather than returning an empty request.
     """
     _check_patches(patches)
     m = patches.shape[0]
@@ -159,17 +178,24 @@ def encode_within_budget(
         return encode_patches(patches, encoding, quality=quality), m
     if encoding == 'raw':
         k = min(m, max_bytes // raw_patch_bytes(patches.shape[1]))
-        return encode_patches(patches[:k], encoding), k
-    full = encode_patches(patches, encoding, quality=quality)
-    if len(full) <= max_bytes:
-        return full, m
-    # Size grows with the count almost monotonically; binary search, then keep the best fit.
-    lo, hi, best = 0, m - 1, (b'', 0)
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        data = encode_patches(patches[:mid], encoding, quality=quality)
-        if len(data) <= max_bytes:
-            best, lo = (data, mid), mid + 1
-        else:
-            hi = mid - 1
+        best = (encode_patches(patches[:k], encoding), k)
+    else:
+        full = encode_patches(patches, encoding, quality=quality)
+        if len(full) <= max_bytes:
+            return full, m
+        # Size grows with the count almost monotonically; binary search, then keep the best
+        # fit. 0 is not searched: if nothing fits, 1 was tried and failed.
+        lo, hi, best = 1, m - 1, (b'', 0)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            data = encode_patches(patches[:mid], encoding, quality=quality)
+            if len(data) <= max_bytes:
+                best, lo = (data, mid), mid + 1
+            else:
+                hi = mid - 1
+    if m and not best[1]:
+        one = len(encode_patches(patches[:1], encoding, quality=quality))
+        raise BudgetError(f'byte budget of {max_bytes} B cannot hold one {encoding} patch: the first '
+                          f'selected patch takes {one} B (the smallest possible takes '
+                          f'{min_payload_bytes(encoding, quality=quality, patch=patches.shape[1])} B)')
     return best

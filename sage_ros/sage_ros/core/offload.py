@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sage_ros.core.codec import decode_patches, encode_within_budget, extract_patches
+from sage_ros.core.codec import decode_patches, encode_within_budget, extract_patches, min_payload_bytes
 from sage_ros.core.errors import BudgetError
 from sage_ros.core.models import EdgeOutput, VitModel, server_forward_subset
 from sage_ros.core.preprocess import normalize
@@ -32,6 +32,21 @@ class Budget:
     def admits(self, patches: int, payload_bytes: int) -> bool:
         """True when a request of this size is within the budget."""
         return patches <= self.patches and (self.max_bytes == 0 or payload_bytes <= self.max_bytes)
+
+
+def check_byte_budget(max_bytes: int, encoding: str, *, quality: int = 90) -> None:
+    """Refuse a byte budget that is on (> 0) but below the smallest one-patch request.
+
+    For validating a ``byte_budget`` setting up front: raises :class:`BudgetError` with the
+    reason, since such a budget would make every request fail.
+    """
+    if max_bytes < 0:
+        raise BudgetError(f'byte budget must be >= 0, got {max_bytes}')
+    need = min_payload_bytes(encoding, quality=quality)
+    if 0 < max_bytes < need:
+        detail = f' at quality {quality}' if encoding == 'jpeg' else ''
+        raise BudgetError(f'byte budget of {max_bytes} B cannot hold one {encoding} patch{detail}: '
+                          f'the smallest takes {need} B (0 turns the byte budget off)')
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,10 @@ class OffloadPlan:
 
 
 def plan_offload(crop: np.ndarray, edge: EdgeOutput, budget: Budget, config: SelectionConfig) -> OffloadPlan:
-    """Select, encode and trim one frame's patches so the request fits ``budget``."""
+    """Select, encode and trim one frame's patches so the request fits ``budget``.
+
+    Raises :class:`BudgetError` when the byte budget cannot hold even one selected patch.
+    """
     sel = select_detailed(
         config.method,
         edge.attention,

@@ -39,6 +39,44 @@ ENCODINGS = tuple(_TO_RGB)
 _PIL_INTERP = {'bicubic': Image.Resampling.BICUBIC, 'bilinear': Image.Resampling.BILINEAR,
                'nearest': Image.Resampling.NEAREST, 'lanczos': Image.Resampling.LANCZOS}
 
+# Limits on the size of a camera frame, checked before any pixel is copied or decoded.
+# resize_crop scales the shorter side to S = floor(input_size / crop_pct) (256 for the default
+# 224 / 0.875) and centre-crops input_size, so for any positive size it cannot fail; what the
+# limits bound is the cost and the meaning of its output:
+# - MAX_PIXELS: a 50 MP frame is 150 MB as RGB; beyond that a frame is refused before the copy.
+# - MIN_SIDE: the crop covers crop_pct of the shorter side and is cut into input_size / 16
+#   patches across (14 at 224), so a shorter side of 16 px (14 px after a 0.875 crop) is the
+#   least that gives every patch at least one source pixel of its own. Below it, neighbouring
+#   patches are interpolations of the same pixels and patch selection means nothing.
+# - MAX_ASPECT: the resized frame is S x (aspect * S); at 32:1 that is at most 256 x 8192
+#   (6 MB) for the default transform, while a 1 x 7,000,000 strip would resize to 256 x 1.8e9.
+#   32:1 also admits every real camera layout (panoramas and side-by-side stereo are <= 8:1).
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 16
+MAX_ASPECT = 32
+
+
+def check_frame_geometry(width: int, height: int) -> None:
+    """Refuse a frame size that :func:`resize_crop` cannot turn into a sound model input.
+
+    Raises :class:`PreprocessError` naming every limit the size breaks (see ``MAX_PIXELS``,
+    ``MIN_SIDE`` and ``MAX_ASPECT``); needs only the size, so it runs before any decode.
+    """
+    w, h = int(width), int(height)
+    if w <= 0 or h <= 0:
+        raise PreprocessError(f'empty image {w}x{h}')
+    short, long = min(w, h), max(w, h)
+    problems = []
+    if w * h > MAX_PIXELS:
+        problems.append(f'{w * h} pixels exceeds {MAX_PIXELS} pixels')
+    if long > MAX_ASPECT * short:
+        ratio = f'{long // short}:1' if long % short == 0 else f'{long / short:.1f}:1'
+        problems.append(f'aspect ratio {ratio} is more than the {MAX_ASPECT}:1 accepted')
+    if short < MIN_SIDE:
+        problems.append(f'shorter side {short} px is less than the {MIN_SIDE} px a patch grid needs')
+    if problems:
+        raise PreprocessError(f'image {w}x{h}: ' + '; '.join(problems))
+
 
 @dataclass(frozen=True)
 class CropMap:

@@ -39,7 +39,7 @@ from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import GATE_METRICS
 from sage_ros.core.labels import class_name
 from sage_ros.core.link import LinkSnapshot
-from sage_ros.core.offload import OffloadPlan
+from sage_ros.core.offload import OffloadPlan, check_byte_budget
 from sage_ros.core.pipeline import EdgePipeline, FrameDecision
 from sage_ros.core.preprocess import CropMap
 from sage_ros.core.selection import METHODS
@@ -113,6 +113,21 @@ def _stamp_s(t: Any) -> float:
     return t.sec + t.nanosec * 1e-9
 
 
+def _config_problem(p: dict[str, Any]) -> str | None:
+    """Why these sage_edge parameters cannot work together, or None."""
+    if p['budget_min'] > p['budget_max']:
+        return 'budget_min must be <= budget_max'
+    if 0 < p['crop_pct'] < 0.5:
+        # The frame is resized to input_size / crop_pct before the crop: gigabytes near 0.
+        return f'crop_pct {p["crop_pct"]} must be 0 (the model\'s own) or in 0.5..1.0'
+    if p['byte_budget']:
+        try:
+            check_byte_budget(p['byte_budget'], p['codec'], quality=p['jpeg_quality'])
+        except SageError as exc:
+            return f'byte_budget: {exc}'
+    return None
+
+
 class EdgeNode(Node):
     """The robot side of sage_ros."""
 
@@ -120,6 +135,9 @@ class EdgeNode(Node):
         super().__init__('sage_edge', **kwargs)
         self._running = True
         self._params = declare(self, 'sage_edge', SPECS)
+        why = _config_problem(self._params)
+        if why:
+            raise ValueError(why)
         self.add_on_set_parameters_callback(validator(SPECS))
         self.add_on_set_parameters_callback(self._check_budget_bounds)
         self.add_post_set_parameters_callback(self._on_params_set)
@@ -181,10 +199,8 @@ class EdgeNode(Node):
 
     # --- parameters -------------------------------------------------------------------------
     def _check_budget_bounds(self, params: list[Parameter]) -> SetParametersResult:
-        new = {**self._params, **{q.name: q.value for q in params}}
-        if new['budget_min'] > new['budget_max']:
-            return SetParametersResult(successful=False, reason='budget_min must be <= budget_max')
-        return SetParametersResult(successful=True)
+        why = _config_problem({**self._params, **{q.name: q.value for q in params}})
+        return SetParametersResult(successful=why is None, reason=why or '')
 
     def _on_params_set(self, params: list[Parameter]) -> None:
         # One new dict, swapped in whole: the worker reads a consistent snapshot per frame.
@@ -388,6 +404,9 @@ class EdgeNode(Node):
             self._fallback(result, frame, f'selection failed: {exc}')
             return
         self.stats.add('truncated', plan.truncated_by_method)
+        if plan.indices.size == 0:  # a threshold method found no patch worth sending
+            self._fallback(result, frame, f'{p["method"]} selected no patch')
+            return
         self._publish_debug(rgb, decision.crop_map, plan.indices, frame.header)
         result.patches_sent, result.bytes_sent = int(plan.indices.size), plan.num_bytes
         data = serialize_message(self._patch_set(result, frame, decision, plan, p))
