@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from sage_ros.core.link import BudgetController, Exchange, LinkEstimator, UplinkMonitor
@@ -54,11 +56,11 @@ def run(monitor: UplinkMonitor, clock: FakeClock, rate_bps: float, n: int, *, de
     return out
 
 
-def make(deadline: float = 0.7, start: float = 1000.0, **kw) -> tuple[UplinkMonitor, FakeClock]:
+def make(deadline: float = 0.7, start: float = 1000.0, max_in_flight: int = 4, **kw) -> tuple[UplinkMonitor, FakeClock]:
     clock = FakeClock()
     clock.t = start
     ctl = BudgetController(deadline_s=deadline, budget_min=8, budget_max=96, **kw)
-    return UplinkMonitor(ctl, probe_interval_s=2.0, probe_bytes=4096, clock=clock), clock
+    return UplinkMonitor(ctl, probe_interval_s=2.0, probe_bytes=4096, max_in_flight=max_in_flight, clock=clock), clock
 
 
 def test_estimator_recovers_throughput_and_base_rtt():
@@ -118,3 +120,168 @@ def test_controller_bounds():
         BudgetController(deadline_s=1.0, budget_min=10, budget_max=5)
     ctl = BudgetController(deadline_s=1.0, budget_min=4, budget_max=50)
     assert ctl.budget == 50  # optimistic start; the first answer corrects it
+
+
+# --- concurrency: requests in flight, the window, deadlines, the lock ----------------------
+
+def pipelined(monitor: UplinkMonitor, clock: FakeClock, rate_bps: float, n: int, *, period: float,
+              deadline: float = 0.7) -> list[tuple]:
+    """A camera at 1/period fps whose every frame wants offloading, over a FIFO uplink of
+    ``rate_bps`` and a FIFO cloud; requests overlap. Returns (budget, latency or None, reason)."""
+    link_free = cloud_free = -1.0
+    out, events = [], []  # events: (answer time, request id, server_s, compute_s)
+    for i in range(n):
+        now = clock.t + period
+        for t, rid, srv, compute in sorted(e for e in events if e[0] <= now):
+            clock.t = t
+            monitor.expire()
+            monitor.answered(rid, srv, compute)  # the cloud reports its queueing and the model's time
+            events.remove((t, rid, srv, compute))
+        clock.t = now
+        monitor.expire()
+        arrival = clock.t
+        clock.t += EDGE_S
+        monitor.note_frame(EDGE_S)
+        adm = monitor.admit(arrival=arrival)
+        if not adm.budget:
+            out.append((0, None, adm.cause))
+            continue
+        b = adm.budget
+        nbytes = OVERHEAD + b * BYTES_PER_PATCH
+        rid = f'r{i}'
+        monitor.sent(rid, request_bytes=nbytes, patches=b, payload_bytes=b * BYTES_PER_PATCH,
+                     deadline=arrival + deadline)
+        link_free = max(clock.t, link_free) + nbytes / rate_bps
+        at_cloud = link_free + BASE_RTT / 2
+        cloud_free = max(at_cloud, cloud_free) + server_s(b)
+        answer_t = cloud_free + BASE_RTT / 2
+        events.append((answer_t, rid, cloud_free - at_cloud, server_s(b)))
+        out.append((b, answer_t - arrival, ''))
+    return out
+
+
+def test_queueing_behind_our_own_requests_is_not_read_as_a_slow_link():
+    monitor, clock = make(max_in_flight=8)
+    monitor.sent('tiny', request_bytes=264, patches=0, payload_bytes=64)  # a probe: the base RTT
+    clock.t += BASE_RTT
+    monitor.answered('tiny', 0.0)
+    out = pipelined(monitor, clock, 1e6, 60, period=0.05)  # 20 requests/s: they overlap on the link
+    assert sum(1 for b, _, _ in out if b) > 30
+    # Timed from its own send, each request would look several times slower than the link.
+    assert monitor.link.throughput_bps == pytest.approx(1e6, rel=0.2)
+
+
+def test_planned_requests_meet_their_deadlines_while_others_are_in_flight():
+    monitor, clock = make(max_in_flight=8)
+    run(monitor, clock, 2e5, 10)  # learn a 1.6 Mbit/s link one request at a time
+    out = pipelined(monitor, clock, 2e5, 200, period=1 / 30)  # then a 30 fps camera
+    sent = [(b, lat) for b, lat, _ in out if b]
+    assert len(sent) > 20
+    late = [lat for _, lat in sent[10:] if lat > 0.7]
+    assert not late, late
+    # The link cannot carry every frame at any budget: the rest stay on the edge, at once.
+    assert {c for b, _, c in out if not b} <= {'uplink_busy', 'window_full'}
+
+
+def test_window_bounds_requests_in_flight_and_each_frame_is_claimed_once():
+    monitor, clock = make(max_in_flight=3)
+    run(monitor, clock, 1e6, 5)  # measured: requests may overlap (before that, one at a time)
+    for i in range(3):
+        assert monitor.admit(arrival=clock.t).budget
+        monitor.sent(f'r{i}', request_bytes=5000, patches=8, payload_bytes=4000, deadline=clock.t + 0.7,
+                     context=i)
+    assert monitor.admit(arrival=clock.t).cause == 'window_full'
+    assert monitor.answered('r0', 0.01).context == 0
+    assert monitor.answered('r0', 0.01) is None  # a duplicate answer claims nothing
+    assert monitor.answered('forged', 0.01) is None  # nor does an id never sent
+    clock.t += 1.0
+    assert [r.context for r in monitor.expire()] == [1, 2]
+    assert monitor.expire() == [] and monitor.answered('r1', 0.01) is None  # late: measured, not claimed
+    assert monitor.in_flight == 0 and monitor.deadline_misses == 2
+
+
+def test_no_uplink_keeps_frames_on_the_edge_and_sends_no_probes():
+    monitor, clock = make()
+    monitor.set_connected(False)
+    clock.t += 100
+    assert monitor.admit(arrival=clock.t).cause == 'no_uplink'
+    assert monitor.probe_due() == 0
+    monitor.set_connected(True)
+    assert monitor.admit(arrival=clock.t).budget == 96 and monitor.probe_due() > 0
+
+
+def test_one_slow_frame_cannot_suspend_offloading_for_good():
+    """The stuck-suspension defect: an 8.7 s frame used to set the edge-time estimate, which
+    only sent frames updated; suspended, nothing was sent, so it never came down."""
+    monitor, clock = make()
+    run(monitor, clock, 1e6, 10)
+    monitor.note_frame(8.7)
+    monitor.sent('slow', request_bytes=20000, patches=24, payload_bytes=19000, edge_s=8.7)
+    clock.t += 0.05
+    monitor.answered('slow', server_s(24))
+    for _ in range(30):  # frames keep coming and are handled at normal speed
+        clock.t += 0.2
+        monitor.note_frame(EDGE_S)
+        size = monitor.probe_due()
+        if size:
+            monitor.sent(f'p{clock.t}', request_bytes=size + 200, patches=0, payload_bytes=size)
+            clock.t += BASE_RTT
+            monitor.answered(f'p{clock.t - BASE_RTT}', 0.0005)
+    assert not monitor.controller.suspended and monitor.budget > 8
+
+
+def test_monitor_survives_every_thread_at_once():
+    """The race that killed the node: the probe timer iterated the requests while the worker
+    and the transport changed them. Hammer all entry points from four threads."""
+    import random
+    import threading
+
+    monitor = UplinkMonitor(BudgetController(deadline_s=0.05, budget_min=8, budget_max=96),
+                            probe_interval_s=0.0001, max_in_flight=16)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    ids: list[str] = []
+
+    def guard(fn):
+        def loop():
+            try:
+                while not stop.is_set():
+                    fn()
+            except BaseException as exc:  # noqa: BLE001 - any exception fails the test
+                errors.append(exc)
+        return loop
+
+    counter = iter(range(10**9))
+
+    def worker():
+        i = next(counter)
+        monitor.note_frame(random.random() * 0.05)
+        if monitor.admit(arrival=time.monotonic()).budget:
+            rid = f'r{i}'
+            monitor.sent(rid, request_bytes=random.randint(600, 80000), patches=random.randint(1, 96),
+                         payload_bytes=1000, deadline=time.monotonic() + 0.02, context=i)
+            ids.append(rid)
+
+    def answers():
+        if ids:
+            monitor.answered(random.choice(ids[-50:]), random.random() * 0.01, random.random() * 0.005)
+
+    def timer():
+        size = monitor.probe_due()
+        if size:
+            monitor.sent(f'p{next(counter)}', request_bytes=size, patches=0, payload_bytes=size)
+        monitor.snapshot()
+
+    def deadlines():
+        monitor.expire()
+        monitor.next_deadline()
+
+    threads = [threading.Thread(target=guard(f)) for f in (worker, answers, timer, deadlines)]
+    for t in threads:
+        t.start()
+    time.sleep(3.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert len(ids) > 300 and monitor.answered_count > 300 and monitor.probes > 50

@@ -214,6 +214,8 @@ class Request:
     """Its frame still waits for this request's answer (False once answered or expired)."""
     queue_s: float = 0.0
     """Predicted wait behind our own earlier requests (uplink and cloud) when it was sent."""
+    due: float = math.nan
+    """Edge clock: when its answer was predicted to arrive (nan: no estimate yet)."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ class UplinkMonitor:
         # cannot move it, and fed by every frame, so it comes back down while nothing is sent.
         self._edge_times: collections.deque[float] = collections.deque(maxlen=edge_window)
         self._last_evidence = self._clock()
-        self._cloud_arrival_seen = -math.inf  # edge clock: when our last answered request reached the cloud
+        self._link_free_seen = -math.inf  # edge clock: when our last answered request had left the uplink
         # Virtual FIFO queues of our own traffic (edge clock): when the uplink and the cloud are
         # expected to be free of the requests already sent.
         self._link_free_at = -math.inf
@@ -363,6 +365,10 @@ class UplinkMonitor:
             c = self.controller
             if c.suspended:
                 return Admission(0, 'link too slow: offloading suspended', 'suspended')
+            if self.link.throughput_bps <= 0 and self.in_flight:
+                # Nothing measured yet: one request at a time until the first answer says
+                # what the link carries, or a burst at budget_max could miss every deadline.
+                return Admission(0, 'uplink busy: measuring the link', 'uplink_busy')
             now = self._clock()
             due = arrival + c.safety * c.deadline_s
             for b in range(c.budget, c.budget_min - 1, -1):
@@ -396,21 +402,21 @@ class UplinkMonitor:
         """
         with self._lock:
             now = self._clock()
-            queue_s = 0.0
+            queue_s, due = 0.0, math.nan
             if patches > 0:
                 if edge_s > 0:
                     self._edge_times.append(edge_s)
                 self.controller.learn_payload(patches, payload_bytes)
-                queue_s, _ = self._predict(now, patches)
                 # Book the request into the virtual queues (the prediction uses them).
                 if self.link.throughput_bps > 0:
+                    queue_s, due = self._predict(now, patches)
                     half_rtt = self.link.base_rtt_s / 2
                     self._link_free_at = max(now, self._link_free_at) + request_bytes / self.link.throughput_bps
                     self._cloud_free_at = max(self._link_free_at + half_rtt, self._cloud_free_at) \
                         + self.link.server_time_s(patches)
             # A probe has no frame waiting for it.
             self._sent[request_id] = Request(request_id, now, request_bytes, patches, payload_bytes,
-                                             deadline, context, patches > 0, queue_s)
+                                             deadline, context, patches > 0, queue_s, due)
             self._evict()
 
     def _evict(self) -> None:
@@ -442,22 +448,29 @@ class UplinkMonitor:
                 return None
             now = self._clock()
             # A request sent while an earlier one of ours still held the uplink only started to
-            # move once that one reached the cloud: time it from there, or queueing behind our
-            # own traffic would read as a slow link.
-            start = max(r.t, self._cloud_arrival_seen)
-            self._cloud_arrival_seen = max(self._cloud_arrival_seen, now - max(0.0, server_s))
+            # move once that one had left: time it from there, or queueing behind our own
+            # traffic would read as a slow link. That one left when its answer came, less the
+            # cloud's time and a round trip.
+            start = max(r.t, self._link_free_seen)
+            self._link_free_seen = max(self._link_free_seen, now - max(0.0, server_s) - self.link.base_rtt_s)
             ex = Exchange(r.request_bytes, r.patches, r.payload_bytes, now - start, server_s, compute_s)
             self.answered_count += 1
             self._learn(ex)
             if not self._any_waiting():
                 self._link_free_at = self._cloud_free_at = -math.inf  # nothing of ours queued
+            elif not math.isnan(r.due):
+                # Re-anchor the virtual queues on what happened: the requests behind this one
+                # are as late (or early) as it was. Absorbs estimate errors and other robots'
+                # load at the cloud.
+                self._cloud_free_at += now - r.due
+                self._link_free_at = min(self._link_free_at, self._cloud_free_at)
             claimed, r.waiting = r.waiting, False
             return r if claimed else None
 
     def missed(self, request_id: str) -> None:
-        """No answer by the deadline. The link took at least this long (less the wait behind
-        our own requests), so it is at most this fast; and whatever the estimate says, the
-        budget halves at once (the request still occupies the link)."""
+        """No answer by the deadline. The link took at least this long, so it is at most this
+        fast; and whatever the estimate says, the budget halves at once (the request still
+        occupies the link)."""
         with self._lock:
             r = self._sent.get(request_id)
             if r is None:
@@ -466,8 +479,11 @@ class UplinkMonitor:
 
     def _miss(self, r: Request) -> None:
         self.deadline_misses += 1
-        waited = max(1e-3, self._clock() - r.t - r.queue_s)
-        self._learn(Exchange(r.request_bytes, 0, r.payload_bytes, waited, self.link.server_time_s(r.patches)))
+        if r.queue_s <= 0:
+            # Alone on the link, its wait bounds the link's speed. Behind our own requests the
+            # wait mixes in a queue we only predicted: leave it to the (late) answer to measure.
+            waited = max(1e-3, self._clock() - r.t)
+            self._learn(Exchange(r.request_bytes, 0, r.payload_bytes, waited, self.link.server_time_s(r.patches)))
         self.controller.back_off()
 
     def expire(self) -> list[Request]:
