@@ -394,10 +394,14 @@ def test_cloud_or_router_loss_falls_back_and_recovers_without_restarting_the_edg
     edge_pid = next(p.popen.pid for p in system.bring.procs if p.name == 'edge')
     for lost in ('cloud', 'router'):
         system.bring.stop([lost])
+        client.drain(1.0)  # the edge polls its session's router list 4x a second
         for rgb in system.images[:2]:
             res = client.classify(rgb, timeout=DEADLINE_MS / 1e3 + 20)
             assert res is not None and res.source == OffloadResult.SOURCE_EDGE_FALLBACK
-            assert res.detail == 'timeout' and res.latency_ms >= DEADLINE_MS * 0.9
+            if lost == 'cloud':  # the router still takes requests: nobody answers them
+                assert res.detail == 'timeout' and res.latency_ms >= DEADLINE_MS * 0.9
+            else:  # no router: the edge knows at once and does not wait
+                assert res.detail == 'no uplink' and res.latency_ms < DEADLINE_MS / 2, res
         system.bring.start([lost])
         system.bring.wait_ready()
         # Clients reconnect on their own; offloading resumes within a few frames.

@@ -489,10 +489,15 @@ class EdgeNode(Node):
             self._worker.join(timeout=1.0)
             self._deadlines.join(timeout=0.5)
         if hasattr(self, '_monitor'):
-            # Frames still waiting for the cloud get their edge label: one result each, always.
+            # Frames still waiting for the cloud get their edge label, while ROS still runs
+            # (after a signal, rclpy may already have shut the context down: then nobody can
+            # receive them anyway).
             for request in self._monitor.drain():
                 job: _Offload = request.context
-                self._fallback(job.result, job.frame, 'shutdown')
+                try:
+                    self._fallback(job.result, job.frame, 'shutdown')
+                except Exception:  # noqa: BLE001 - rclpy's RCLError: context already shut down
+                    break
         if hasattr(self, '_uplink'):
             self._uplink.close()
         super().destroy_node()
