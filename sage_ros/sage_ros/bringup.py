@@ -9,6 +9,7 @@ down on Ctrl-C / SIGTERM or when one of them dies.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,35 @@ class Proc:
     popen: subprocess.Popen | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     lines: list[str] = field(default_factory=list)
+    relay: threading.Thread | None = None
+
+    @property
+    def node(self) -> str:
+        """The ROS node name, as users know it ('sage_cloud')."""
+        return _NODE_NAMES.get(self.name, self.name)
+
+
+# rcutils' prefix of a log line: '[FATAL] [1795562371.302307116] [EdgeNode]: '.
+_LOG_PREFIX = re.compile(r'^\[(?:DEBUG|INFO|WARN|ERROR|FATAL)\] \[[\d.]+\] \[[^\]]*\]: ')
+_TROUBLE = re.compile(r'FATAL|ERROR|[Ee]rror|cannot|Traceback')
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f'was killed by {signal.Signals(-code).name}'
+        except ValueError:
+            return f'was killed by signal {-code}'
+    return f'exited with code {code}'
+
+
+def _why(lines: list[str]) -> str:
+    """The line of a process's output that best says why it ended (its last error line)."""
+    text = [line.strip() for line in lines if line.strip()]
+    for line in reversed(text):
+        if _TROUBLE.search(line) and not line.startswith('Traceback'):
+            return _LOG_PREFIX.sub('', line)
+    return _LOG_PREFIX.sub('', text[-1]) if text else 'no output'
 
 
 def _ros_value(value: Any) -> str:
@@ -81,6 +111,8 @@ def plan(
         for key, value in sorted(overrides.items(), key=lambda kv: '.' in kv[0]):
             target, _, pname = key.rpartition('.')
             if (target in ('', node)) and pname in known:
+                if isinstance(known[pname], float) and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)  # as load_params accepts it: `-p eta:=20` means 20.0
                 args += ['-p', f'{pname}:={_ros_value(value)}']
         pre = ['--config', str(directory)] if name == 'router' else []
         procs.append(Proc(name, [python, '-m', _MODULES[name], *pre, *args]))
@@ -110,7 +142,8 @@ class Bringup:
         p.ready.clear()
         p.popen = subprocess.Popen(p.argv, env=self._env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, bufsize=1, start_new_session=True)
-        threading.Thread(target=self._relay, args=(p, p.popen), daemon=True).start()
+        p.relay = threading.Thread(target=self._relay, args=(p, p.popen), daemon=True)
+        p.relay.start()
 
     def _relay(self, p: Proc, popen: subprocess.Popen) -> None:
         assert popen.stdout is not None
@@ -123,35 +156,60 @@ class Bringup:
                 with self._log_lock:
                     print(f'[{p.name}] {line}', file=self._log, flush=True)
 
-    def wait_ready(self, timeout: float = 180.0) -> None:
-        """Block until every started process said it is ready; raise if one died or time ran out."""
+    def failure(self, p: Proc) -> str:
+        """One line: how ``p`` ended and why, from its last error line (e.g. 'sage_cloud exited
+        with code 2 before it was ready: cannot start: checkpoint file ... not found')."""
+        assert p.popen is not None and p.popen.returncode is not None
+        if p.relay is not None:
+            p.relay.join(2.0)  # its last lines may still be in the pipe
+        when = '' if p.ready.is_set() else ' before it was ready'
+        return f'{p.node} {_exit_text(p.popen.returncode)}{when}: {_why(p.lines).removeprefix(p.node + ": ")}'
+
+    def wait_ready(self, timeout: float = 180.0, *, stop: threading.Event | None = None) -> bool:
+        """Block until every started process said it is ready (True), or ``stop`` is set (False).
+
+        Raises RuntimeError (one line: which process ended and why) when one dies first, and
+        TimeoutError when time runs out.
+        """
         deadline = time.monotonic() + timeout
         for p in self.procs:
             if p.popen is None:
                 continue
             while not p.ready.wait(0.1):
-                if p.popen.poll() is not None:
-                    tail = '\n'.join(p.lines[-15:])
-                    raise RuntimeError(f'{p.name} exited with {p.popen.returncode} before it was ready:\n{tail}')
+                if stop is not None and stop.is_set():
+                    return False
+                # Any of them, not only p: the edge may fail while the cloud still loads.
+                for q in self.dead():
+                    if not q.ready.is_set():
+                        raise RuntimeError(self.failure(q))
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f'{p.name} not ready after {timeout:.0f} s')
+                    raise TimeoutError(f'{p.node} not ready after {timeout:.0f} s')
+        return True
 
     def dead(self) -> list[Proc]:
         return [p for p in self.procs if p.popen is not None and p.popen.poll() is not None]
 
     def stop(self, names: list[str] | None = None, *, timeout: float = 5.0) -> None:
-        """SIGINT, then SIGKILL after ``timeout``; edge first so it stops sending."""
+        """SIGTERM, then SIGKILL after ``timeout``; edge first so it stops sending.
+
+        SIGTERM, not SIGINT: a node still importing would print a KeyboardInterrupt traceback,
+        while SIGTERM ends it silently; once running, a node treats both alike. Signals go to
+        each process's group (each was started in a session of its own), so anything a node
+        started goes with it.
+        """
         targets = [p for p in reversed(self.procs) if p.popen is not None and (names is None or p.name in names)]
         for p in targets:
             if p.popen.poll() is None:
-                p.popen.send_signal(signal.SIGINT)
+                _signal_group(p.popen, signal.SIGTERM)
         end = time.monotonic() + timeout
         for p in targets:
             try:
                 p.popen.wait(max(0.0, end - time.monotonic()))
             except subprocess.TimeoutExpired:
-                p.popen.kill()
+                _signal_group(p.popen, signal.SIGKILL)
                 p.popen.wait()
+            # Whatever of its group outlived it (the group id stays reserved while any live).
+            _signal_group(p.popen, signal.SIGKILL)
 
     def __enter__(self) -> Bringup:
         self.start()
@@ -161,28 +219,39 @@ class Bringup:
         self.stop()
 
 
+def _signal_group(popen: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):  # the group is gone already
+        pass
+
+
 def run_up(procs: list[Proc], *, directory: Path | None = None,
            on_ready: Callable[[], None] | None = None) -> int:
-    """Run until SIGINT/SIGTERM or until a process dies; returns an exit code."""
+    """Run until SIGINT/SIGTERM/SIGHUP (exit code 0) or until a process dies: then stop the
+    others and return 2 if it could not start for its configuration (its own exit code 2),
+    else 1. The reason is one line on stderr."""
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stop.set())
     bring = Bringup(procs, directory=directory)
-    bring.start()
     code = 0
     try:
-        bring.wait_ready()
-        print(f'sage-ros up: {", ".join(p.name for p in procs)} running; Ctrl-C stops', file=sys.stderr, flush=True)
-        if on_ready:
-            on_ready()
-        while not stop.wait(0.5):
-            dead = bring.dead()
-            if dead:
-                print(f'sage-ros up: {dead[0].name} exited with {dead[0].popen.returncode}; stopping',
-                      file=sys.stderr, flush=True)
-                code = 1
-                break
-    except (RuntimeError, TimeoutError) as exc:
+        bring.start()
+        if bring.wait_ready(stop=stop):
+            print(f'sage-ros up: {", ".join(p.node for p in procs)} running; Ctrl-C stops', file=sys.stderr, flush=True)
+            if on_ready:
+                on_ready()
+            while not stop.wait(0.5):
+                dead = bring.dead()
+                if dead:
+                    print(f'sage-ros up: {bring.failure(dead[0])}', file=sys.stderr, flush=True)
+                    code = 1
+                    break
+    except RuntimeError as exc:
+        print(f'sage-ros up: {exc}', file=sys.stderr, flush=True)
+        code = 2 if any(p.popen is not None and p.popen.returncode == 2 for p in procs) else 1
+    except TimeoutError as exc:
         print(f'sage-ros up: {exc}', file=sys.stderr, flush=True)
         code = 1
     finally:

@@ -50,6 +50,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.pipeline:
+        from sage_ros.eval.pipeline_bench import run_from_args
+
+        overrides = {'weights': args.weights, **parse_overrides(args.param)}
+        check_overrides_known(overrides, NODES)
+        run_from_args(args, args.images, overrides)
+        return 0
+    if args.images is None:
+        raise ValueError('IMAGES is required (or --pipeline)')
+    if args.param:
+        raise ValueError('-p applies to --pipeline only')
     from sage_ros.bench import run_bench
 
     run_bench(args.images, n_images=args.n_images, repeat=args.repeat, weights=args.weights)
@@ -145,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser('up', help='bring up the system (router, cloud, edge) as processes, from config/',
                         description='What `ros2 launch sage_ros edge_cloud.launch.py` does, for machines '
-                                    'without a ROS distribution. Ctrl-C stops everything.')
+                                    'without a ROS distribution. Ctrl-C or SIGTERM stops everything (exit code 0). '
+                                    'When a process fails, the others are stopped too, with one line saying '
+                                    'which and why (exit code 2 for a configuration it cannot start with, else 1).')
     up.add_argument('--side', choices=('edge', 'cloud', 'both'), default='both',
                     help='edge: the edge node; cloud: router and cloud node; both (default)')
     up.add_argument('--namespace', default='', help='robot namespace of the edge node (e.g. robot1)')
@@ -154,11 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser('bench', help='speed and size figures of the core on real images',
                            description='Edge forward, selection per method and budget, codec bytes and '
-                                       'times, server subset forward vs all 196 patches.')
-    bench.add_argument('images', type=Path, help='folder of real images (e.g. imagenet-val-1300/images)')
+                                       'times, server subset forward vs all 196 patches. --pipeline: the '
+                                       'system with the edge behind a delay relay, camera frames at 30 fps, '
+                                       'nothing offloaded vs a third offloaded: frames handled per second, '
+                                       'latencies by source, in-flight window and CPU per process.')
+    bench.add_argument('images', nargs='?', type=Path, default=None,
+                       help='folder of real images (e.g. imagenet-val-1300/images); with --pipeline '
+                            'default $SAGE_ROS_DATA/images')
     bench.add_argument('--n-images', type=int, default=50, help='images to measure over')
     bench.add_argument('--repeat', type=int, default=20, help='timed repetitions per figure')
     bench.add_argument('--weights', default='random', help='weights of both models (speed does not depend on them)')
+    bench.add_argument('--pipeline', action='store_true',
+                       help='the pipeline benchmark instead: brings up its own router, cloud and edge '
+                            '(options below)')
+    bench.add_argument('-p', '--param', action='append', default=[], metavar='NAME:=VALUE',
+                       help='--pipeline: node parameter override, ROS style (e.g. -p max_in_flight:=8)')
+    from sage_ros.eval.pipeline_bench import add_arguments as add_pipeline_arguments
+
+    add_pipeline_arguments(bench.add_argument_group('--pipeline options'))
     bench.set_defaults(func=_cmd_bench)
 
     bag = sub.add_parser('bag', help='record a folder of images as a rosbag2 bag with ground-truth labels',

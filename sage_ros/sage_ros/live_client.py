@@ -89,6 +89,25 @@ class LiveClient(Node):
         """Publish a frame and wait for its result."""
         return self.wait_result(self.publish(rgb, encoding=encoding), timeout)
 
+    def diagnostics(self, name: str, timeout: float = 5.0) -> dict[str, str] | None:
+        """Key/values (and ``message``) of the next /diagnostics status whose name ends with
+        ``name`` (e.g. 'sage_edge: link'), or None if none came within ``timeout``."""
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        seen: list[DiagnosticArray] = []
+        sub = self.create_subscription(DiagnosticArray, '/diagnostics', seen.append, 10)
+        try:
+            end = time.monotonic() + timeout
+            while time.monotonic() < end:
+                self.drain(0.05)
+                for arr in seen:
+                    for st in arr.status:
+                        if st.name.endswith(name):
+                            return {'message': st.message, **{kv.key: kv.value for kv in st.values}}
+            return None
+        finally:
+            self.destroy_subscription(sub)
+
     def drain(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:

@@ -11,9 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import rclpy
 import zenoh
-from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 from rclpy.serialization import deserialize_message, serialize_message
@@ -140,19 +138,9 @@ def _valid_request(robot: str, rid: str, n: int = 4) -> PatchSet:
 
 def _stats(client, node, timeout=5.0):
     """Counters of ``node`` from its next /diagnostics report."""
-    seen = []
-    sub = client.create_subscription(DiagnosticArray, '/diagnostics', seen.append, 10)
-    try:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            client.drain(0.05)
-            for arr in seen:
-                for st in arr.status:
-                    if st.name.startswith(f'{node}:'):
-                        return {kv.key: int(kv.value) for kv in st.values}
-        raise AssertionError(f'no diagnostics from {node}')
-    finally:
-        client.destroy_subscription(sub)
+    found = client.diagnostics(f'{node}: stats', timeout)
+    assert found is not None, f'no diagnostics from {node}'
+    return {k: int(v) for k, v in found.items() if k != 'message'}
 
 
 def _cloud_rejected(client):
@@ -394,14 +382,13 @@ def test_cloud_or_router_loss_falls_back_and_recovers_without_restarting_the_edg
     edge_pid = next(p.popen.pid for p in system.bring.procs if p.name == 'edge')
     for lost in ('cloud', 'router'):
         system.bring.stop([lost])
-        client.drain(1.0)  # the edge polls its session's router list 4x a second
+        client.drain(1.0)  # the edge polls its session's state 4x a second
         for rgb in system.images[:2]:
             res = client.classify(rgb, timeout=DEADLINE_MS / 1e3 + 20)
             assert res is not None and res.source == OffloadResult.SOURCE_EDGE_FALLBACK
-            if lost == 'cloud':  # the router still takes requests: nobody answers them
-                assert res.detail == 'timeout' and res.latency_ms >= DEADLINE_MS * 0.9
-            else:  # no router: the edge knows at once and does not wait
-                assert res.detail == 'no uplink' and res.latency_ms < DEADLINE_MS / 2, res
+            # No router, or a router with no cloud subscribed: the edge knows at once (Zenoh's
+            # matching status) and does not wait for a deadline.
+            assert res.detail == 'no uplink' and res.latency_ms < DEADLINE_MS / 2, res
         system.bring.start([lost])
         system.bring.wait_ready()
         # Clients reconnect on their own; offloading resumes within a few frames.

@@ -105,7 +105,10 @@ class LinkEstimator:
             mx, my = sum(xs) / n, sum(ys) / n
             sxx = sum((x - mx) ** 2 for x in xs)
             slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
-            return max(0.0, my + slope * (patches - mx))
+            # Plus one standard deviation of the residuals: a cloud sharing its CPU varies,
+            # and a plan on the mean misses half the time.
+            spread = math.sqrt(sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys)) / n)
+            return max(0.0, my + slope * (patches - mx) + spread)
         # One CLS token besides the patches: time ~ proportional to tokens.
         return ys[-1] * (patches + 1) / (xs[-1] + 1)
 
@@ -216,6 +219,8 @@ class Request:
     """Predicted wait behind our own earlier requests (uplink and cloud) when it was sent."""
     due: float = math.nan
     """Edge clock: when its answer was predicted to arrive (nan: no estimate yet)."""
+    lost: bool = False
+    """The connection that carried it went down: it no longer holds the link."""
 
 
 @dataclass(frozen=True)
@@ -247,6 +252,9 @@ class LinkSnapshot:
     deadline_misses: int
     probes: int
     in_flight: int
+    """Requests holding the window (see :attr:`UplinkMonitor.in_flight`)."""
+    waiting: int
+    """Frames waiting for an answer."""
     max_in_flight: int
     queued_bytes: float
     edge_s: float
@@ -279,6 +287,11 @@ class UplinkMonitor:
         # expected to be free of the requests already sent.
         self._link_free_at = -math.inf
         self._cloud_free_at = -math.inf
+        # How much later than predicted recent in-time answers came: the plan adds the largest,
+        # so a model that is optimistic (jitter, a busy cloud) stops causing misses. Recent
+        # only, and capped, so that it can never shut offloading off by itself.
+        self._lateness: collections.deque[tuple[float, float]] = collections.deque(maxlen=10)
+        self._last_bound = -math.inf
         self._probe_small = True
         self._connected = connected
         self.answered_count = 0
@@ -306,13 +319,40 @@ class UplinkMonitor:
     def set_connected(self, connected: bool) -> None:
         """The transport's view of the uplink (a router session, a matched subscriber)."""
         with self._lock:
+            if self._connected and not connected:
+                # The connection went: what it carried is gone, and holds the link no more.
+                for r in self._sent.values():
+                    r.lost = True
+                self._reanchor(self._clock())
             self._connected = connected
 
     @property
     def in_flight(self) -> int:
-        """Requests whose frames still wait for an answer."""
+        """Requests that occupy the window: sent, not answered, and not yet given up for lost
+        (their frames may have fallen back already: their bytes still hold the link)."""
         with self._lock:
-            return sum(r.waiting for r in self._sent.values())
+            return len(self._outstanding(self._clock()))
+
+    def _outstanding(self, now: float) -> list[Request]:
+        # While connected, a request is delivered (its bytes hold the link until answered),
+        # however late. One lost anyway (the uplink dropped, a cloud died) must not close the
+        # window for good: after this long it no longer counts.
+        horizon = max(10.0, 10 * self.controller.deadline_s)
+        return [r for r in self._sent.values() if r.patches > 0 and not r.lost and now - r.t < horizon]
+
+    def _reanchor(self, now: float) -> None:
+        """Rebuild the uplink's virtual queue from what is still outstanding: FIFO from when
+        our last answered request had left the uplink, at the current throughput."""
+        out = self._outstanding(now)
+        if not out:
+            self._link_free_at = self._cloud_free_at = -math.inf  # nothing of ours queued
+            return
+        if self.link.throughput_bps <= 0:
+            return
+        t = self._link_free_seen
+        for r in sorted(out, key=lambda r: r.t):
+            t = max(t, r.t) + r.request_bytes / self.link.throughput_bps
+        self._link_free_at = t
 
     def configure(self, *, deadline_s: float | None = None, budget_min: int | None = None,
                   budget_max: int | None = None, safety: float | None = None,
@@ -338,7 +378,8 @@ class UplinkMonitor:
                 throughput_bps=self.link.throughput_bps, base_rtt_s=self.link.base_rtt_s,
                 bytes_per_patch=c.bytes_per_patch, budget_min=c.budget_min, budget_max=c.budget_max,
                 deadline_s=c.deadline_s, answered=self.answered_count, deadline_misses=self.deadline_misses,
-                probes=self.probes, in_flight=self.in_flight, max_in_flight=self.max_in_flight,
+                probes=self.probes, in_flight=self.in_flight, waiting=sum(r.waiting for r in self._sent.values()),
+                max_in_flight=self.max_in_flight,
                 queued_bytes=self._queued_bytes(now), edge_s=self.edge_s)
 
     # --- frames and requests ------------------------------------------------------------
@@ -356,25 +397,30 @@ class UplinkMonitor:
         if not even ``budget_min`` does, the frame stays on the edge ('uplink busy').
         """
         with self._lock:
+            c = self.controller
             if not self._connected:
                 return Admission(0, 'no uplink', 'no_uplink')
+            if fixed_budget <= 0 and c.suspended:
+                return Admission(0, 'link too slow: offloading suspended', 'suspended')
             if self.in_flight >= self.max_in_flight:
                 return Admission(0, 'window full', 'window_full')
             if fixed_budget > 0:
                 return Admission(fixed_budget)
-            c = self.controller
-            if c.suspended:
-                return Admission(0, 'link too slow: offloading suspended', 'suspended')
             if self.link.throughput_bps <= 0 and self.in_flight:
                 # Nothing measured yet: one request at a time until the first answer says
                 # what the link carries, or a burst at budget_max could miss every deadline.
                 return Admission(0, 'uplink busy: measuring the link', 'uplink_busy')
             now = self._clock()
-            due = arrival + c.safety * c.deadline_s
+            due = arrival + c.safety * c.deadline_s - self._plan_margin(now)
             for b in range(c.budget, c.budget_min - 1, -1):
                 if self._predict(now, b)[1] <= due:
                     return Admission(b)
             return Admission(0, 'uplink busy: requests in flight fill the deadline', 'uplink_busy')
+
+    def _plan_margin(self, now: float) -> float:
+        recent = [late for t, late in self._lateness if now - t < 10.0]
+        return min(max(recent, default=0.0), 0.5 * self.controller.safety * self.controller.deadline_s) \
+            if recent and max(recent) > 0 else 0.0
 
     def _predict(self, now: float, patches: int) -> tuple[float, float]:
         """(wait behind our own requests, answer time) of a request of ``patches`` sent now."""
@@ -432,8 +478,7 @@ class UplinkMonitor:
         """Forget a request that could not be sent; returns it if its frame still waited."""
         with self._lock:
             r = self._sent.pop(request_id, None)
-            if not self._any_waiting():
-                self._link_free_at = self._cloud_free_at = -math.inf
+            self._reanchor(self._clock())
             return r if r is not None and r.waiting else None
 
     def answered(self, request_id: str, server_s: float, compute_s: float = 0.0) -> Request | None:
@@ -456,14 +501,14 @@ class UplinkMonitor:
             ex = Exchange(r.request_bytes, r.patches, r.payload_bytes, now - start, server_s, compute_s)
             self.answered_count += 1
             self._learn(ex)
-            if not self._any_waiting():
-                self._link_free_at = self._cloud_free_at = -math.inf  # nothing of ours queued
-            elif not math.isnan(r.due):
-                # Re-anchor the virtual queues on what happened: the requests behind this one
-                # are as late (or early) as it was. Absorbs estimate errors and other robots'
-                # load at the cloud.
-                self._cloud_free_at += now - r.due
-                self._link_free_at = min(self._link_free_at, self._cloud_free_at)
+            if not math.isnan(r.due) and r.patches > 0:
+                # The cloud's queue behind this one is as late (or early) as it was: absorbs
+                # estimate errors and other robots' load at the cloud.
+                late = now - r.due
+                self._cloud_free_at += late
+                if r.waiting:  # in time; a late one is a miss, handled by the back-off
+                    self._lateness.append((now, late))
+            self._reanchor(now)
             claimed, r.waiting = r.waiting, False
             return r if claimed else None
 
@@ -497,7 +542,32 @@ class UplinkMonitor:
             for r in due:
                 r.waiting = False
                 self._miss(r)
+            self._bound_by_oldest(now)
             return due
+
+    def _bound_by_oldest(self, now: float) -> None:
+        """A request still unanswered bounds the link's speed from above: it has been out
+        this long and its bytes are not through. Without this, a link that dies under
+        requests in flight would hold a fast estimate (nothing answers to correct it) and
+        only the window would stop sending: the budget could never be suspended."""
+        if now - self._last_bound < 0.25 or self.link.throughput_bps <= 0:
+            return
+        self._last_bound = now
+        out = self._outstanding(now)
+        if not out:
+            return
+        r = min(out, key=lambda r: r.t)
+        if r.waiting:
+            return  # not even past its deadline: no evidence yet
+        # Everything of ours before it was answered: its upload began when the last of those
+        # had left, or when it was sent.
+        upload = now - max(r.t, self._link_free_seen) - self.link.base_rtt_s - self.link.server_time_s(r.patches)
+        if upload <= 0:
+            return
+        bound = r.request_bytes / upload
+        if bound < self.link.throughput_bps:
+            self.link.throughput_bps = bound
+            self.controller.update(self.link, self.edge_s)
 
     def next_deadline(self) -> float:
         """Edge clock of the earliest deadline of a waiting request (inf if none)."""
@@ -511,9 +581,6 @@ class UplinkMonitor:
             for r in out:
                 r.waiting = False
             return out
-
-    def _any_waiting(self) -> bool:
-        return any(r.waiting for r in self._sent.values())
 
     def _learn(self, ex: Exchange) -> None:
         self._last_evidence = self._clock()

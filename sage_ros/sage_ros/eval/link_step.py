@@ -4,8 +4,9 @@ bandwidth monitor does, and plot it.
 
 ``python -m sage_ros.eval.link_step`` runs on the robot side (beside the edge node): for each
 phase it sets the egress rate of ``--device`` with ``tc tbf`` (root, a network namespace the
-caller made) and publishes frames one at a time, recording per frame the budget, bytes,
-latency and source, and every BudgetStatus. The records go to a JSON-lines file.
+caller made) and publishes frames, one at a time or as a camera at ``--fps``, recording per
+frame the budget, bytes, latency and source, and every BudgetStatus. The records go to a
+JSON-lines file.
 """
 
 from __future__ import annotations
@@ -49,7 +50,13 @@ def shape(device: str, rate: str) -> None:
 
 
 def run(images_dir: Path, phases: list[tuple[str, int]], device: str, out: Path, *, period_s: float = 0.3,
-        timeout_s: float = 10.0) -> None:
+        timeout_s: float = 10.0, fps: float = 0.0) -> None:
+    """Step the link through ``phases`` while frames flow, recording each frame's result.
+
+    ``fps`` 0: one frame at a time (each waits for its result, then ``period_s``), phases
+    counted in frames. ``fps`` > 0: a camera at that rate that never waits, the edge pipelining
+    its requests, phases counted in seconds.
+    """
     import rclpy
     from sage_ros_msgs.msg import BudgetStatus
 
@@ -65,6 +72,15 @@ def run(images_dir: Path, phases: list[tuple[str, int]], device: str, out: Path,
          'suspended': m.suspended, 'misses': m.deadline_misses}), 10)
     frames = [read_rgb(i.path) for i in list_images(images_dir, limit=12)]
     records: list[dict[str, Any]] = []
+    sent: list[tuple[int, int, float, str]] = []  # (stamp, phase, t, rate) of every published frame
+
+    def record(res: Any, phase: int, rate: str, t: float) -> None:
+        records.append({'kind': 'frame', 't': t, 'phase': phase, 'rate_bps': rate_bps(rate),
+                        'budget': res.budget_patches if res else -1,
+                        'patches': res.patches_sent if res else -1, 'bytes': res.bytes_sent if res else -1,
+                        'latency_ms': res.latency_ms if res else -1.0, 'source': res.source if res else -1,
+                        'detail': res.detail if res else 'no result'})
+
     try:
         if not client.wait_for_edge():
             raise RuntimeError('no edge node')
@@ -72,18 +88,28 @@ def run(images_dir: Path, phases: list[tuple[str, int]], device: str, out: Path,
         for phase, (rate, n) in enumerate(phases):
             shape(device, rate)
             records.append({'kind': 'phase', 't': time.monotonic() - t0, 'phase': phase, 'rate_bps': rate_bps(rate)})
+            if fps > 0:
+                end = time.monotonic() + n
+                while time.monotonic() < end:
+                    due = time.monotonic() + 1.0 / fps
+                    sent.append((client.publish(frames[k % len(frames)]), phase, time.monotonic() - t0, rate))
+                    k += 1
+                    client.drain(max(0.0, due - time.monotonic()))
+                continue
             for _ in range(n):
                 start = time.monotonic()
                 res = client.classify(frames[k % len(frames)], timeout=timeout_s)
                 k += 1
-                records.append({'kind': 'frame', 't': time.monotonic() - t0, 'phase': phase,
-                                'rate_bps': rate_bps(rate),
-                                'budget': res.budget_patches if res else -1,
-                                'patches': res.patches_sent if res else -1, 'bytes': res.bytes_sent if res else -1,
-                                'latency_ms': res.latency_ms if res else -1.0, 'source': res.source if res else -1,
-                                'detail': res.detail if res else 'no result'})
+                record(res, phase, rate, time.monotonic() - t0)
                 client.drain(max(0.0, period_s - (time.monotonic() - start)))
-        client.drain(0.5)
+        client.drain(timeout_s if fps > 0 else 0.5)
+        # Camera mode: frames the edge dropped as stale (newest-frame slot) have no result.
+        for stamp, phase, t, rate in sent:
+            if stamp in client.results:
+                record(client.results[stamp], phase, rate, t)
+        if fps > 0:
+            records.append({'kind': 'camera', 'published': len(sent), 'results': len(client.all_results),
+                            'fps': fps})
     finally:
         with Path(out).open('w') as fh:
             for rec in records + statuses:
@@ -93,8 +119,10 @@ def run(images_dir: Path, phases: list[tuple[str, int]], device: str, out: Path,
 
 
 def load(path: Path) -> tuple[list[dict], list[dict]]:
+    """(frame records in time order, BudgetStatus records)."""
     recs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return [r for r in recs if r['kind'] == 'frame'], [r for r in recs if r['kind'] == 'budget']
+    frames = sorted((r for r in recs if r['kind'] == 'frame'), key=lambda r: r['t'])
+    return frames, [r for r in recs if r['kind'] == 'budget']
 
 
 def plot(path: Path, png: Path, *, deadline_ms: float | None = None) -> Path:
@@ -138,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--device', required=True, help='network device whose egress is shaped')
     parser.add_argument('--phases', type=parse_phases, required=True, help='RATE:FRAMES,... e.g. 8mbit:20,400kbit:25')
     parser.add_argument('--out', type=Path, required=True)
-    parser.add_argument('--period', type=float, default=0.3, help='seconds between frames')
+    parser.add_argument('--period', type=float, default=0.3, help='seconds between frames (one at a time)')
+    parser.add_argument('--fps', type=float, default=0.0,
+                        help='camera rate; phases then count seconds and frames do not wait for results')
     args = parser.parse_args(argv)
-    run(args.images, args.phases, args.device, args.out, period_s=args.period)
+    run(args.images, args.phases, args.device, args.out, period_s=args.period, fps=args.fps)
     return 0
 
 

@@ -561,22 +561,25 @@ class _Uplink:
             return
 
     def connected(self) -> bool:
-        """Is the cloud reachable now? Zenoh: the session has a router (or peer); it reconnects
-        by itself after a router restart. ros: something subscribes to the requests."""
+        """Is the cloud reachable now? Zenoh: the session has a router (it reconnects by itself
+        after a router restart) and a cloud subscribes to our requests. ros: something
+        subscribes to the requests."""
         if self._publisher is not None:
             ok = self._publisher.get_subscription_count() > 0
             self.state = 'connected' if ok else 'no subscriber'
             return ok
         with self._lock:
-            session = self._session
+            session, channel = self._session, self._channel
         if session is None:
             return False
         try:
-            ok = bool(list(session.info.routers_zid()) or list(session.info.peers_zid()))
-        except Exception:
-            ok = False
-        self.state = 'connected' if ok else 'router lost'
-        return ok
+            routed = bool(list(session.info.routers_zid()) or list(session.info.peers_zid()))
+            served = routed and channel.has_subscribers()
+        except Exception:  # noqa: BLE001 - a session closing under us: not connected
+            routed = served = False
+        # A router without a cloud behind it would swallow our requests: the same as no uplink.
+        self.state = 'connected' if served else ('no cloud' if routed else 'router lost')
+        return served
 
     def send(self, data: bytes) -> None:
         if self._publisher is not None:

@@ -9,6 +9,7 @@ zenoh-bridge-ros2dds maps topics: a site running that bridge can use it in place
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -63,6 +64,26 @@ def open_session(path: Path, *, connect: str = '', listen: str = '') -> zenoh.Se
     return zenoh.open(load_config(path, connect=connect, listen=listen))
 
 
+# zenoh.open's error for a listen endpoint that another process holds.
+_ADDRESS_IN_USE = re.compile(r'bound to (\S+): \[.*(?:Address already in use|os error 98)', re.S)
+
+
+def error_text(exc: BaseException) -> str:
+    """A Zenoh error as one readable line: the message of a Json5Err, no Rust source locations."""
+    text = str(exc)
+    inner = re.search(r'msg: "((?:[^"\\]|\\.)*)"', text)
+    if inner:
+        text = inner.group(1)
+    text = re.sub(r',? at /\S+\.rs:\d+\.?', '', text)
+    return ' '.join(text.split()) or type(exc).__name__
+
+
+def busy_endpoint(exc: BaseException) -> str | None:
+    """The endpoint ``exc`` says cannot be listened on because it is in use, else None."""
+    match = _ADDRESS_IN_USE.search(str(exc))
+    return match.group(1) if match else None
+
+
 class ZenohChannel:
     """Put CDR bytes on one key, receive CDR bytes from another (one robot, one direction each)."""
 
@@ -74,6 +95,11 @@ class ZenohChannel:
         self._subscriber = session.declare_subscriber(
             sub_key, lambda sample: on_bytes(str(sample.key_expr), sample.payload.to_bytes())
         )
+
+    def has_subscribers(self) -> bool:
+        """Does anything (the cloud) subscribe to the put key now? Zenoh tracks it through the
+        router: a cloud that stops or dies is seen as soon as the router notices."""
+        return self._publisher is not None and bool(self._publisher.matching_status.matching)
 
     def put(self, data: bytes) -> None:
         if self._publisher is None:

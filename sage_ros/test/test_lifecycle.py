@@ -1,0 +1,234 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Clean lifecycle: a node that cannot start says why in one line (exit 2), Ctrl-C and SIGTERM
+end everything with exit 0 and no traceback, and `sage-ros up` leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from sage_ros.bringup import Bringup, Proc, plan
+from sage_ros.system_demo import free_port
+from sage_ros.transport.router import main as router_main
+
+# A node without torch, so the runner's behaviour is tested in a second or two: it builds
+# slowly, can be told to fail after Node.__init__, and its destroy_node needs what __init__
+# sets last (as EdgeNode's and CloudNode's do).
+FAKE_NODE = '''
+import sys, time
+from rclpy.node import Node
+from std_msgs.msg import String
+from sage_ros.nodes.runner import run_node
+
+class Fake(Node):
+    def __init__(self):
+        super().__init__('fake')
+        print('building', flush=True)
+        time.sleep(float(sys.argv[2]))
+        self._pub = self.create_publisher(String, 'fake', 1)
+        if sys.argv[1] == 'fail':
+            raise ValueError('parameter x must be positive')
+        self._ready = True
+        print('ready:', flush=True)
+
+    def destroy_node(self):
+        assert self._ready
+        super().destroy_node()
+
+run_node(Fake)
+'''
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _run(argv: list[str], timeout: float = 60) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    r = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return r.returncode, r.stdout, time.monotonic() - t0
+
+
+def _port_free(port: int) -> bool:
+    """Whether a new router could listen on ``port`` (connections of the old one in TIME_WAIT
+    do not count: Zenoh, like most servers, sets SO_REUSEADDR)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(('127.0.0.1', port))
+            s.listen()
+        except OSError:
+            return False
+    return True
+
+
+def _no_process_with(text: str) -> bool:
+    return subprocess.run(['pgrep', '-f', text], capture_output=True).returncode == 1
+
+
+@pytest.fixture
+def fake_node(tmp_path: Path) -> Path:
+    path = tmp_path / 'fake_node.py'
+    path.write_text(FAKE_NODE)
+    return path
+
+
+def test_a_node_failing_after_node_init_exits_2_with_one_line(ros_env, fake_node):
+    """rclpy's context destroys the nodes it tracks at shutdown; the half-built one must not
+    go through its subclass's destroy_node (that was a second traceback)."""
+    code, out, _ = _run([sys.executable, str(fake_node), 'fail', '0'])
+    assert code == 2, out
+    assert 'Traceback' not in out
+    assert len(_lines(out)) == 2 and 'cannot start: parameter x must be positive' in _lines(out)[1], out
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize('when', ['building', 'ready:'])
+def test_sigint_and_sigterm_exit_0_quickly_while_building_or_spinning(ros_env, fake_node, sig, when):
+    build_s = '5' if when == 'building' else '0'
+    proc = subprocess.Popen([sys.executable, str(fake_node), 'ok', build_s], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith(when):
+                break
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, sig)
+        out.append(proc.stdout.read())
+        assert proc.wait(timeout=10) == 0, ''.join(out)
+        assert time.monotonic() - t0 < 2  # not the rest of the 5 s build
+        assert 'Traceback' not in ''.join(out)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_edge_node_with_an_int_for_a_double_exits_2_with_one_line(ros_env):
+    code, out, _ = _run([sys.executable, '-m', 'sage_ros.nodes.edge_node', '--ros-args', '-p', 'eta:=20'])
+    assert code == 2, out
+    assert 'Traceback' not in out
+    assert len(_lines(out)) == 1 and 'cannot start' in out and "'eta'" in out and 'DOUBLE' in out, out
+
+
+def test_router_on_a_busy_port_says_so_in_one_line():
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        endpoint = f'tcp/127.0.0.1:{busy.getsockname()[1]}'
+        code, out, _ = _run([sys.executable, '-m', 'sage_ros.transport.router', '--ros-args',
+                             '-p', f'zenoh_listen:={endpoint}'])
+    assert code == 2
+    assert _lines(out) == [f'sage_router: cannot listen on {endpoint}: address in use; another router running? '
+                           'choose another with -p zenoh_listen:=tcp/0.0.0.0:PORT'], out
+
+
+@pytest.mark.parametrize('args', [['-p'], ['--params-file'], ['-p', 'zenoh_listen:=5'], ['-p', 'zenoh_listen']])
+def test_router_rejects_bad_ros_args_in_one_line(capsys, args):
+    assert router_main(['--ros-args', *args]) == 2
+    err = capsys.readouterr().err
+    assert len(_lines(err)) == 1 and err.startswith('sage_router: cannot start: '), err
+
+
+def test_up_passes_an_int_for_a_double_parameter_as_a_double():
+    edge = plan('edge', overrides={'eta': 20, 'budget': 16})[0]
+    assert 'eta:=20.0' in edge.argv and 'budget:=16' in edge.argv
+
+
+def test_stop_ends_the_whole_process_group():
+    """A child's own children go too, even one that ignores SIGTERM."""
+    stubborn = 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'
+    parent = textwrap.dedent(f'''
+        import subprocess, sys, time
+        subprocess.Popen([sys.executable, '-c', {stubborn!r}])
+        time.sleep(60)
+    ''')
+    bring = Bringup([Proc('edge', [sys.executable, '-c', parent])], log=None)
+    bring.start()
+    leader = bring.procs[0].popen
+    try:
+        end = time.monotonic() + 10
+        children: list[str] = []
+        while not children and time.monotonic() < end:
+            children = subprocess.run(['pgrep', '-P', str(leader.pid)], capture_output=True, text=True).stdout.split()
+            time.sleep(0.05)
+        assert children
+        t0 = time.monotonic()
+        bring.stop(timeout=3)
+        assert time.monotonic() - t0 < 2
+        time.sleep(0.2)
+        for pid in children:  # gone, or a zombie waiting for init to reap it
+            stat = Path(f'/proc/{pid}/stat')
+            assert not stat.exists() or stat.read_text().rsplit(')', 1)[1].split()[0] == 'Z'
+    finally:
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _up(*args: str, endpoint: str) -> list[str]:
+    return [sys.executable, '-m', 'sage_ros.cli', 'up', '--weights', 'random',
+            '-p', f'zenoh_listen:={endpoint}', '-p', f'zenoh_connect:={endpoint}', *args]
+
+
+def test_up_stops_everything_when_the_cloud_cannot_load_its_weights(ros_env):
+    port = free_port()
+    endpoint = f'tcp/127.0.0.1:{port}'
+    code, out, took = _run(_up('--side', 'cloud', '-p', 'sage_cloud.weights:=/nonexistent.pth',
+                               endpoint=endpoint), timeout=120)
+    assert code == 2, out
+    assert took < 60
+    assert 'Traceback' not in out
+    last = _lines(out)[-1]
+    assert last.startswith('sage-ros up: sage_cloud exited with code 2 before it was ready: cannot start: ')
+    assert '/nonexistent.pth' in last
+    assert _port_free(port) and _no_process_with(endpoint), 'the router outlived sage-ros up'
+
+
+def test_up_reports_a_busy_router_port_in_one_line(ros_env):
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0))
+        busy.listen()
+        endpoint = f'tcp/127.0.0.1:{busy.getsockname()[1]}'
+        code, out, _ = _run(_up('--side', 'cloud', endpoint=endpoint), timeout=120)
+    assert code == 2, out
+    assert 'Traceback' not in out
+    assert _lines(out)[-1] == (f'sage-ros up: sage_router exited with code 2 before it was ready: cannot listen on '
+                               f'{endpoint}: address in use; another router running? choose another with '
+                               '-p zenoh_listen:=tcp/0.0.0.0:PORT')
+    assert _no_process_with(endpoint)
+
+
+def test_ctrl_c_to_the_process_group_of_up_ends_everything_cleanly(ros_env):
+    port = free_port()
+    endpoint = f'tcp/127.0.0.1:{port}'
+    proc = subprocess.Popen(_up(endpoint=endpoint), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    out = []
+    try:
+        for line in proc.stdout:
+            out.append(line)
+            if 'running; Ctrl-C stops' in line:
+                break
+        assert proc.poll() is None, ''.join(out)
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        out.append(proc.stdout.read())
+        assert proc.wait(timeout=20) == 0, ''.join(out)
+        assert time.monotonic() - t0 < 6  # three nodes, about a second each here
+        assert 'Traceback' not in ''.join(out)
+        assert _port_free(port) and _no_process_with(endpoint)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
