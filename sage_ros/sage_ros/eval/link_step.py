@@ -142,7 +142,8 @@ def plot(path: Path, png: Path, *, deadline_ms: float | None = None) -> Path:
     ax1.set_ylabel('kbit/s')
     ax1.legend(fontsize=8)
     ax2.step(t, [f['budget'] for f in frames], where='post', label='budget B')
-    ax2.plot(t, [f['patches'] for f in frames], '.', label='patches sent')
+    sent = [f for f in frames if f['patches'] > 0]  # camera mode: most frames send nothing
+    ax2.plot([f['t'] for f in sent], [f['patches'] for f in sent], '.', label='patches sent')
     ax2.set_ylabel('patches')
     ax2.legend(fontsize=8)
     lat = np.array([f['latency_ms'] for f in frames])
