@@ -195,13 +195,18 @@ def edge_forward(
 
 
 @torch.inference_mode()
-def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.Tensor,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of the model run on the given patches only.
 
     ``patches`` are normalised pixels, (M, 3, P, P) or (B, M, 3, P, P); ``indices`` their
     row-major grid positions, (M,) or (B, M). Each token gets its own position embedding;
     the prefix (CLS) tokens are added as in the full forward. With all N patches in grid
     order this equals the model's normal forward.
+
+    ``valid`` (B, M) bool batches requests of different sizes: each is padded to M, and the
+    padding is masked out of every attention as a key, so no real token ever sees it (the
+    classifier reads the CLS token): each row's logits equal its own unpadded forward.
     """
     m = vit.model
     single = patches.ndim == 4
@@ -231,7 +236,14 @@ def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.T
             pre = pre + pos[:, :p]
         tok = torch.cat([pre, tok], dim=1)
     x = m.norm_pre(tok)
-    x = m.blocks(x)
+    if valid is None:
+        x = m.blocks(x)
+    else:
+        keep = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), valid.to(device, torch.bool)], dim=1)
+        mask = torch.zeros(b, 1, 1, keep.shape[1], device=device, dtype=x.dtype)
+        mask.masked_fill_(~keep[:, None, None, :], float('-inf'))
+        for blk in m.blocks:
+            x = blk(x, attn_mask=mask)
     x = m.norm(x)
     logits = m.forward_head(x)
     return logits[0] if single else logits

@@ -126,3 +126,20 @@ def classify_decoded(vit: VitModel, patches: np.ndarray, indices: np.ndarray) ->
     x = normalize(patches, vit.mean, vit.std)
     logits = server_forward_subset(vit, x, torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+def classify_batch(vit: VitModel, requests: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The server's softmax for several requests in one forward: ``requests`` are (decoded
+    (M_i, P, P, 3) uint8 patches, grid indices (M_i,)). Different M_i are padded to the largest
+    and masked (see :func:`server_forward_subset`); returns (len(requests), classes)."""
+    n = max(int(np.asarray(idx).size) for _, idx in requests)
+    b, p = len(requests), vit.patch_size
+    patches = np.zeros((b, n, p, p, 3), np.uint8)
+    indices = np.zeros((b, n), np.int64)
+    valid = np.zeros((b, n), bool)
+    for i, (pt, idx) in enumerate(requests):
+        m = int(np.asarray(idx).size)
+        patches[i, :m], indices[i, :m], valid[i, :m] = pt, idx, True
+    x = normalize(patches.reshape(b * n, p, p, 3), vit.mean, vit.std).reshape(b, n, 3, p, p)
+    logits = server_forward_subset(vit, x, torch.from_numpy(indices), torch.from_numpy(valid))
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy()
