@@ -103,3 +103,18 @@ def test_seeds_are_valid_and_fuzzing_ran(seeds):
         msg, idx, patches = decode_request(data, LIMITS)
         assert idx.size == 24 and patches.shape == (24, 16, 16, 3)
     print(f'fuzz cases tried in this session: {TRIED["n"]}')
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), max_size=40),
+       st.text(st.characters(blacklist_characters='\x00', blacklist_categories=('Cs',)), max_size=200), st.binary(max_size=64))
+def test_peek_reads_the_request_id_without_parsing_and_never_raises(frame_id, rid, tail):
+    from std_msgs.msg import Header
+
+    from sage_ros.transport.wire import peek_request_id
+
+    data = serialize_message(PatchSet(request_id=rid, header=Header(frame_id=frame_id)))
+    fits = len(rid.encode()) < 256 and len(frame_id.encode()) < 1024
+    assert peek_request_id(data) == (rid if fits else None)
+    for cut in (0, 3, 12, len(data) // 2):
+        assert peek_request_id(data[:cut] + tail) is None or isinstance(peek_request_id(data[:cut] + tail), str)
