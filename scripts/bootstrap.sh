@@ -3,7 +3,8 @@
 # Set up everything sage_ros needs on a machine without a ROS 2 distribution, in ./.venv:
 # ROS 2 Kilted wheels, torch/timm and the rest (pinned in constraints.txt), sage_ros_msgs
 # built with cmake into the venv, and sage_ros installed editable. Idempotent and fast when
-# nothing changed: a stamp records a hash of every input.
+# nothing changed: a stamp records a hash of every input. Then scripts/ros2_tools.sh adds the
+# test tools (colcon, ros2 launch, ros2cli) when ../shared/vendor/ros2-python is there.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -20,7 +21,7 @@ inputs_hash() {
 
 want=$(inputs_hash)
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
-  exit 0
+  exec "$root/scripts/ros2_tools.sh"
 fi
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -31,7 +32,7 @@ mkdir -p "$(dirname "$venv")"
 exec 9>"$venv.lock"
 flock 9
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
-  exit 0
+  exec "$root/scripts/ros2_tools.sh"
 fi
 
 if [[ ! -x $venv/bin/python ]]; then
@@ -69,3 +70,4 @@ log "installing sage_ros (editable)"
 
 echo "$want" >"$stamp"
 log "ready: $venv"
+exec "$root/scripts/ros2_tools.sh"
