@@ -8,20 +8,21 @@ down on Ctrl-C / SIGTERM or when one of them dies.
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-import yaml
-
-from sage_ros.params import CONFIG_FILE, config_dir, load_params
+from sage_ros.params import FASTDDS_PROFILE, config_dir, write_params_file
 
 SIDES = ('edge', 'cloud', 'both')
 _MODULES = {
@@ -32,9 +33,6 @@ _MODULES = {
 _NODE_NAMES = {'router': 'sage_router', 'cloud': 'sage_cloud', 'edge': 'sage_edge'}
 # A process is ready when it logs this.
 _READY = {'router': 'Zenoh router', 'cloud': 'ready:', 'edge': 'ready:'}
-
-
-FASTDDS_PROFILE = 'fastdds_large_frames.xml'
 
 
 def dds_defaults(directory: Path | None = None) -> dict[str, str]:
@@ -80,8 +78,23 @@ def _why(lines: list[str]) -> str:
     return _LOG_PREFIX.sub('', text[-1]) if text else 'no output'
 
 
-def _ros_value(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()
+def params_dir() -> Path:
+    """A directory of this process for the parameter files it writes, removed at exit."""
+    global _PARAMS_DIR
+    if _PARAMS_DIR is None:
+        _PARAMS_DIR = Path(tempfile.mkdtemp(prefix='sage_ros_params_'))
+        atexit.register(shutil.rmtree, _PARAMS_DIR, True)
+    return _PARAMS_DIR
+
+
+_PARAMS_DIR: Path | None = None
+
+
+def side_nodes(side: str) -> list[str]:
+    """The processes of one side, in start order: router and cloud for 'cloud', edge for 'edge'."""
+    if side not in SIDES:
+        raise ValueError(f'side must be one of {", ".join(SIDES)}, got {side!r}')
+    return {'edge': ['edge'], 'cloud': ['router', 'cloud'], 'both': ['router', 'cloud', 'edge']}[side]
 
 
 def plan(
@@ -90,32 +103,26 @@ def plan(
     namespace: str = '',
     directory: Path | None = None,
     overrides: dict[str, Any] | None = None,
+    params_file: Path | None = None,
     python: str = sys.executable,
 ) -> list[Proc]:
-    """The processes of one side (router and cloud for 'cloud', edge for 'edge')."""
-    if side not in SIDES:
-        raise ValueError(f'side must be one of {SIDES}, got {side!r}')
+    """The processes of one side, each given one parameter file written by
+    :func:`sage_ros.params.write_params_file` (the shipped YAML, ``params_file``, then
+    ``overrides``), exactly as the launch file gives it to them. ``namespace`` is the edge's."""
+    names = side_nodes(side)
     directory = directory or config_dir()
-    overrides = overrides or {}
-    names = {'edge': ['edge'], 'cloud': ['router', 'cloud'], 'both': ['router', 'cloud', 'edge']}[side]
+    namespaces = {'sage_edge': namespace}
+    nodes = [_NODE_NAMES[n] for n in names]
+    fd, path = tempfile.mkstemp(prefix=f'{side}_', suffix='.yaml', dir=params_dir())
+    os.close(fd)
+    write_params_file(Path(path), nodes, namespaces=namespaces, directory=directory, params_file=params_file,
+                      overrides=overrides or {})
     procs = []
     for name in names:
-        node = _NODE_NAMES[name]
-        known = load_params(node, directory=directory)
-        args = ['--ros-args']
+        args = ['--ros-args', '--params-file', path]
         if name == 'edge' and namespace:
             args += ['-r', f'__ns:=/{namespace.strip("/")}']
-        if name != 'router':
-            args += ['--params-file', str(directory / CONFIG_FILE)]
-        # Node-qualified overrides last: the last -p of a name wins, and the specific one must.
-        for key, value in sorted(overrides.items(), key=lambda kv: '.' in kv[0]):
-            target, _, pname = key.rpartition('.')
-            if (target in ('', node)) and pname in known:
-                if isinstance(known[pname], float) and isinstance(value, int) and not isinstance(value, bool):
-                    value = float(value)  # as load_params accepts it: `-p eta:=20` means 20.0
-                args += ['-p', f'{pname}:={_ros_value(value)}']
-        pre = ['--config', str(directory)] if name == 'router' else []
-        procs.append(Proc(name, [python, '-m', _MODULES[name], *pre, *args]))
+        procs.append(Proc(name, [python, '-m', _MODULES[name], *args]))
     return procs
 
 

@@ -72,8 +72,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     directory = args.config.resolve() if args.config else None
-    return run_up(plan(args.side, namespace=args.namespace, directory=directory, overrides=overrides),
-                  directory=directory)
+    return run_up(plan(args.side, namespace=args.namespace, directory=directory, overrides=overrides,
+                       params_file=args.params_file), directory=directory)
 
 
 def _cmd_bag(args: argparse.Namespace) -> int:
@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument('--side', choices=('edge', 'cloud', 'both'), default='both',
                     help='edge: the edge node; cloud: router and cloud node; both (default)')
     up.add_argument('--namespace', default='', help='robot namespace of the edge node (e.g. robot1)')
+    up.add_argument('--params-file', type=Path, default=None,
+                    help='your parameter file (ROS format, node keys: /**/sage_edge, /robot1/sage_edge, '
+                         'sage_router, ...) over the shipped sage_ros.yaml; the launch file\'s params_file')
     _add_param_args(up)
     up.set_defaults(func=_cmd_up)
 

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import yaml
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from sage_ros.core.pipeline import GateConfig
 
 CONFIG_FILE = 'sage_ros.yaml'
+# Fast DDS profile with a 32 MB shared-memory segment, for camera frames over 512 kB.
+FASTDDS_PROFILE = 'fastdds_large_frames.xml'
 
 
 NODES = ('sage_edge', 'sage_cloud', 'sage_router')
@@ -56,13 +59,59 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def _sections(doc: Any, prefix: str = '') -> Iterator[tuple[str, dict[str, Any]]]:
+    """(node key, ros__parameters) of a parameter file, in file order; nested keys (nav2's
+    ``robot1: {sage_edge: {ros__parameters: ...}}``, namespace as root key) are joined with '/'."""
+    if not isinstance(doc, dict):
+        return
+    for key, value in doc.items():
+        if not isinstance(value, dict):
+            continue
+        name = f'{prefix}/{str(key).strip("/")}'.replace('//', '/')
+        if 'ros__parameters' in value:
+            yield name, dict(value['ros__parameters'] or {})
+        else:
+            yield from _sections(value, name)
+
+
+def _key_matches(key: str, fq_name: str) -> bool:
+    """Does a parameter-file node key apply to the node ``fq_name`` ('/robot1/sage_edge')? As rcl
+    reads it: ``*`` is one name token, ``**`` any number of them (``/**`` alone: every node)."""
+    pattern = ''.join('(/[^/]+)*' if tok == '**' else '/[^/]+' if tok == '*' else '/' + re.escape(tok)
+                      for tok in key.strip('/').split('/'))
+    return re.fullmatch(pattern, fq_name) is not None
+
+
+def fq_name(node: str, namespace: str = '') -> str:
+    """'/robot1/sage_edge' from ('sage_edge', 'robot1')."""
+    ns = namespace.strip('/')
+    return f'/{ns}/{node}' if ns else f'/{node}'
+
+
+def read_params_file(path: Path, node: str, *, namespace: str = '') -> dict[str, Any]:
+    """The parameters a ROS parameter file gives ``node`` in ``namespace``: every section whose
+    key matches the node, in file order (later ones win), as rcl merges them."""
+    with Path(path).open() as fh:
+        doc = yaml.safe_load(fh) or {}
+    out: dict[str, Any] = {}
+    for key, params in _sections(doc):
+        if _key_matches(key, fq_name(node, namespace)):
+            out.update(params)
+    return out
+
+
 def load_params(
-    node: str, *, directory: Path | None = None, overrides: dict[str, Any] | None = None
+    node: str, *, directory: Path | None = None, overrides: dict[str, Any] | None = None,
+    params_file: Path | None = None, namespace: str = '',
 ) -> dict[str, Any]:
-    """Parameters of ``node`` from the YAML, then overrides.
+    """Parameters of ``node``: the shipped YAML's defaults, then ``params_file`` (a user's file
+    in the same format: node keys with wildcards or a namespace, as rcl reads them), then
+    ``overrides``.
 
     An override ``name`` applies to every node that has the parameter; ``node.name`` to one.
-    Unknown names are errors, so a typo never passes silently.
+    Unknown names are errors, so a typo never passes silently. Setting ``budget`` (in the file
+    or as an override) without ``budget_mode`` means the user wants that B: budget_mode becomes
+    ``fixed``, as ``ros2 param set /sage_edge budget 48`` does at run time.
     """
     path = (directory or config_dir()) / CONFIG_FILE
     with path.open() as fh:
@@ -71,6 +120,22 @@ def load_params(
     if not isinstance(section, dict) or 'ros__parameters' not in section:
         raise KeyError(f'{path} has no ros__parameters for node {node!r}')
     params = dict(section['ros__parameters'])
+    given: set[str] = set()
+
+    def put(key: str, value: Any, source: str) -> None:
+        expected = type(params[key])
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected):
+            raise TypeError(f'{node}.{key} must be {expected.__name__}, got {value!r}{source}')
+        params[key] = value
+        given.add(key)
+
+    if params_file is not None:
+        for key, value in read_params_file(params_file, node, namespace=namespace).items():
+            if key not in params:
+                raise KeyError(f'{params_file}: node {node!r} has no parameter {key!r} (see {path})')
+            put(key, value, f' (in {params_file})')
     # Node-qualified overrides last, so they win over the unqualified ones.
     for name, value in sorted((overrides or {}).items(), key=lambda kv: '.' in kv[0]):
         target, _, key = name.rpartition('.')
@@ -80,13 +145,32 @@ def load_params(
             if target:
                 raise KeyError(f'node {node!r} has no parameter {key!r} (see {path})')
             continue
-        expected = type(params[key])
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected):
-            raise TypeError(f'{node}.{key} must be {expected.__name__}, got {value!r}')
-        params[key] = value
+        put(key, value, '')
+    if 'budget' in given and 'budget_mode' in params and 'budget_mode' not in given:
+        params['budget_mode'] = 'fixed'
     return params
+
+
+def write_params_file(
+    out: Path, nodes: Iterable[str], *, namespaces: dict[str, str] | None = None,
+    directory: Path | None = None, params_file: Path | None = None, overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write the complete parameters of ``nodes`` to ``out``, keyed by each node's fully
+    qualified name ('/robot1/sage_edge'), from :func:`load_params`.
+
+    The one route of parameters: the launch file, ``sage-ros up`` and the router all hand the
+    nodes this file (``--params-file``), and ``ros2 param dump`` of a running node gives it back.
+    """
+    namespaces = namespaces or {}
+    doc = {}
+    for node in nodes:
+        ns = namespaces.get(node, '')
+        doc[fq_name(node, ns)] = {'ros__parameters': load_params(
+            node, directory=directory, overrides=overrides, params_file=params_file, namespace=ns)}
+    out = Path(out)
+    out.write_text('# Written by sage_ros from config/sage_ros.yaml, a params_file and overrides.\n'
+                   + yaml.safe_dump(doc, sort_keys=False))
+    return out
 
 
 def check_overrides_known(overrides: dict[str, Any], nodes: Iterable[str], *, directory: Path | None = None) -> None:

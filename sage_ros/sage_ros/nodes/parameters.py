@@ -56,6 +56,8 @@ def declare(node: Node, node_name: str, specs: dict[str, Spec]) -> dict[str, Any
     if missing:
         raise KeyError(f'config/sage_ros.yaml lacks parameters {sorted(missing)} of {node_name}')
     for name, default in defaults.items():
+        if node.has_parameter(name):  # use_sim_time: every rclpy node declares it itself
+            continue
         spec = specs.get(name, Spec(''))
         node.declare_parameter(name, default, spec.descriptor())
     values = {name: node.get_parameter(name).value for name in defaults}

@@ -1,97 +1,70 @@
 # SPDX-License-Identifier: Apache-2.0
 """sage_router: the cloud side's Zenoh router, as a Python session in router mode.
 
-No zenohd binary is needed. Parameters come from the sage_router section of
-config/sage_ros.yaml; ``--ros-args -p zenoh_listen:=tcp/0.0.0.0:7447`` style overrides work
-without a ROS installation too (this process uses no DDS).
+No zenohd binary is needed. The router is a real ROS node (``/sage_router``) with two
+read-only parameters, ``zenoh_config`` and ``zenoh_listen``, and nothing else: no topics.
+
+Why a node and not a plain process (an ``ExecuteProcess`` in the launch file): parameters then
+take the one route every sage_ros node takes. rcl itself reads ``--ros-args --params-file F -p
+name:=value`` (node keys, wildcards, namespaces, types, errors), so the launch file's
+``params_file`` reaches the router exactly as it reaches the cloud node, ``sage-ros up`` starts
+it the same way, and ``ros2 node list`` / ``ros2 param get /sage_router zenoh_listen`` show
+what it runs with. ``log_level``, ``respawn`` and the launch's shutdown-on-exit work as for the
+other nodes. The cost is rclpy's import and one DDS participant on the cloud machine; it still
+imports no torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import signal
-import sys
-import threading
-from pathlib import Path
+from typing import Any
 
-import yaml
 import zenoh
+from rclpy.node import Node
 
-from sage_ros.params import config_path, load_params, parse_overrides
+from sage_ros.nodes.parameters import Spec, declare
+from sage_ros.nodes.runner import run_node
+from sage_ros.params import config_path
 from sage_ros.transport.zenoh_link import busy_endpoint, error_text, open_session
 
-
-def run_router(zenoh_config: Path, *, listen: str = '', stop: threading.Event | None = None) -> None:
-    """Run a Zenoh router until ``stop`` is set (or SIGINT/SIGTERM when run as a program)."""
-    stop = stop or threading.Event()
-    session = open_session(zenoh_config, listen=listen)
-    print(f'sage_router: Zenoh router {session.zid()} up ({listen or zenoh_config})', flush=True)
-    try:
-        stop.wait()
-    finally:
-        session.close()
+SPECS = {
+    'zenoh_config': Spec('Zenoh router json5 config (relative: the package config/)', read_only=True),
+    'zenoh_listen': Spec('listen endpoints replacing the config\'s (comma-separated)', read_only=True),
+}
 
 
-def router_params_from_file(path: Path) -> dict:
-    """ros__parameters of the sections of a params file that apply to sage_router."""
-    doc = yaml.safe_load(path.read_text()) or {}
-    out: dict = {}
-    for key, section in doc.items():
-        if key.strip('/').split('/')[-1] in ('sage_router', '**') and isinstance(section, dict):
-            out.update(section.get('ros__parameters', {}))
-    return out
-
-
-def _ros_args_overrides(ros_args: list[str]) -> dict:
-    """Parameter overrides from the ``--ros-args`` we understand: ``--params-file F``, ``-p N:=V``."""
-    overrides: dict = {}
-    items = []
-    for i, a in enumerate(ros_args):
-        if a in ('--params-file', '-p', '--param'):
-            if i + 1 == len(ros_args):
-                raise ValueError(f'{a} needs a value' + (' (NAME:=VALUE)' if a != '--params-file' else ''))
-            if a == '--params-file':
-                # `ros2 launch` hands parameters over as a params file; keep the sage_router entries.
-                overrides.update(router_params_from_file(Path(ros_args[i + 1])))
-            else:
-                items.append(ros_args[i + 1])
-    overrides.update(parse_overrides(items))
-    return overrides
-
-
-def _listen_failure(exc: zenoh.ZError, listen: str, config: Path) -> str:
+def listen_failure(exc: zenoh.ZError, listen: str, config: Any) -> str:
     """One line saying why the router cannot start, and what to change when the port is taken."""
     endpoint = busy_endpoint(exc)
     if endpoint is None:
-        return f'sage_router: cannot start the Zenoh router ({listen or config}): {error_text(exc)}'
-    return (f'sage_router: cannot listen on {endpoint}: address in use; another router running? '
-            f'choose another with -p zenoh_listen:=tcp/0.0.0.0:PORT')
+        return f'cannot start the Zenoh router ({listen or config}): {error_text(exc)}'
+    return (f'cannot listen on {endpoint}: address in use; another router running? '
+            f'choose another with zenoh_listen (e.g. -p zenoh_listen:=tcp/0.0.0.0:PORT)')
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the router; exit code 2 and one line on stderr when it cannot start."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ros_args = argv[argv.index('--ros-args') + 1:] if '--ros-args' in argv else []
-    parser = argparse.ArgumentParser(prog='sage_router', description=__doc__)
-    parser.add_argument('--config', type=Path, default=None, help='directory holding sage_ros.yaml')
-    args = parser.parse_args(argv[: argv.index('--ros-args')] if '--ros-args' in argv else argv)
-    try:
-        params = load_params('sage_router', directory=args.config, overrides=_ros_args_overrides(ros_args))
-        zenoh_config = config_path(params['zenoh_config'], args.config)
-    except (ValueError, KeyError, TypeError, OSError, yaml.YAMLError) as exc:
-        why = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f'sage_router: cannot start: {why}', file=sys.stderr, flush=True)
-        return 2
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        run_router(zenoh_config, listen=params['zenoh_listen'], stop=stop)
-    except zenoh.ZError as exc:
-        print(_listen_failure(exc, params['zenoh_listen'], zenoh_config), file=sys.stderr, flush=True)
-        return 2
-    return 0
+class RouterNode(Node):
+    """A Zenoh router session living as long as the node."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__('sage_router', **kwargs)
+        p = declare(self, 'sage_router', SPECS)
+        config = config_path(p['zenoh_config'])
+        try:
+            self._session = open_session(config, listen=p['zenoh_listen'])
+        except zenoh.ZError as exc:
+            raise ValueError(listen_failure(exc, p['zenoh_listen'], config)) from None
+        self.get_logger().info(f'Zenoh router {self._session.zid()} up ({p["zenoh_listen"] or "listen"} '
+                               f'of {config})')
+
+    def destroy_node(self) -> None:
+        if hasattr(self, '_session'):
+            self._session.close()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the router; exit code 2 and one line when it cannot start, 0 on Ctrl-C/SIGTERM."""
+    run_node(RouterNode, args)
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    main()
