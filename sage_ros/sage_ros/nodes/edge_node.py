@@ -46,12 +46,12 @@ from sage_ros.core.selection import METHODS
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
-from sage_ros.params import config_path, gate_config, selection_config, uplink_monitor
+from sage_ros.params import FASTDDS_PROFILE, config_path, gate_config, selection_config, uplink_monitor
 from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
 from sage_ros.typestore import typestore
 
 SPECS = {
-    'image_topic': Spec('camera sensor_msgs/Image topic', read_only=True),
+    'image_topic': Spec('camera sensor_msgs/Image topic, relative to the namespace ("" = off)', read_only=True),
     'compressed_image_topic': Spec('optional sensor_msgs/CompressedImage topic ("" = off)', read_only=True),
     'result_topic': Spec('OffloadResult output topic', read_only=True),
     'patch_set_topic': Spec('PatchSet request topic / Zenoh key', read_only=True),
@@ -76,7 +76,8 @@ SPECS = {
     'method': Spec('patch selection method', choices=METHODS),
     'budget_topic': Spec('BudgetStatus output topic', read_only=True),
     'budget_mode': Spec('auto (bandwidth monitor) or fixed (the budget parameter)', choices=('auto', 'fixed')),
-    'budget': Spec('hard budget B, patches per request (fixed mode)', int_range=(1, 196)),
+    'budget': Spec('hard budget B, patches per request; setting it switches budget_mode to fixed',
+                   int_range=(1, 196)),
     'budget_min': Spec('smallest budget in auto mode', int_range=(1, 196)),
     'budget_max': Spec('largest budget in auto mode', int_range=(1, 196)),
     'budget_safety': Spec('share of the deadline a request may plan to use', float_range=(0.1, 1.0)),
@@ -138,6 +139,7 @@ class EdgeNode(Node):
         why = _config_problem(self._params)
         if why:
             raise ValueError(why)
+        self.add_pre_set_parameters_callback(self._budget_means_fixed)
         self.add_on_set_parameters_callback(validator(SPECS))
         self.add_on_set_parameters_callback(self._check_budget_bounds)
         self.add_post_set_parameters_callback(self._on_params_set)
@@ -152,7 +154,6 @@ class EdgeNode(Node):
         class_name(0)
         self._pipeline.forward(np.zeros((vit.input_size, vit.input_size, 3), np.uint8))
         self._robot_id = p['robot_id'] or self.get_namespace().strip('/')
-        self._boot = secrets.token_hex(2)
         self._seq = itertools.count()
         # dropped: replaced by a newer frame while busy; lost: never reached the node (gaps in
         # the publishers' sequence numbers: the shallow camera queue overflowed, or the network).
@@ -162,6 +163,7 @@ class EdgeNode(Node):
                                'late_answers', 'bad_answers', 'truncated'))
         self._misses_reported = 0
         self._last_seq: dict[bytes, int] = {}
+        self._lost_warned = False
 
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._result_pub = self.create_publisher(OffloadResult, p['result_topic'], reliable)
@@ -172,9 +174,13 @@ class EdgeNode(Node):
         camera_qos = QoSProfile(depth=2, reliability=qos_profile_sensor_data.reliability,
                                 durability=qos_profile_sensor_data.durability,
                                 history=qos_profile_sensor_data.history)
-        self.create_subscription(Image, p['image_topic'], self._on_image, camera_qos)
+        self._image_topic = self._compressed_topic = ''
+        if p['image_topic']:
+            self._image_topic = self.create_subscription(Image, p['image_topic'], self._on_image,
+                                                         camera_qos).topic_name
         if p['compressed_image_topic']:
-            self.create_subscription(CompressedImage, p['compressed_image_topic'], self._on_compressed, camera_qos)
+            self._compressed_topic = self.create_subscription(CompressedImage, p['compressed_image_topic'],
+                                                              self._on_compressed, camera_qos).topic_name
 
         self._monitor = uplink_monitor(p, connected=False)
         self._uplink = _Uplink(self, p, reliable, self._on_answer)
@@ -198,6 +204,16 @@ class EdgeNode(Node):
             f'transport {p["transport"]}, up to {p["max_in_flight"]} requests in flight')
 
     # --- parameters -------------------------------------------------------------------------
+    def _budget_means_fixed(self, params: list[Parameter]) -> list[Parameter]:
+        """Setting budget means the user wants that B: budget_mode becomes fixed with it (in
+        the same atomic set, so a refused budget changes nothing), unless set alongside."""
+        names = {q.name for q in params}
+        if 'budget' in names and 'budget_mode' not in names and self._params['budget_mode'] != 'fixed':
+            self.get_logger().info('budget set: budget_mode is now fixed '
+                                   '(`ros2 param set ... budget_mode auto` gives B back to the bandwidth monitor)')
+            return [*params, Parameter('budget_mode', Parameter.Type.STRING, 'fixed')]
+        return params
+
     def _check_budget_bounds(self, params: list[Parameter]) -> SetParametersResult:
         why = _config_problem({**self._params, **{q.name: q.value for q in params}})
         return SetParametersResult(successful=why is None, reason=why or '')
@@ -240,7 +256,7 @@ class EdgeNode(Node):
         return msg
 
     def _send_probe(self, size: int) -> None:
-        rid = f'{self._robot_id or "robot"}/{self._boot}-probe{secrets.token_hex(4)}'
+        rid = f'{self._robot_id or "robot"}/probe-{secrets.token_hex(8)}'
         probe = PatchSet(request_id=rid, robot_id=self._robot_id, method=PatchSet.METHOD_PROBE, encoding='raw',
                          payload=bytes(size))
         data = serialize_message(probe)
@@ -277,19 +293,39 @@ class EdgeNode(Node):
                                 values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
 
     # --- input --------------------------------------------------------------------------
-    def _count_gaps(self, info: Any) -> None:
+    def _count_gaps(self, info: Any) -> int:
+        """Frames of this frame's publisher that never reached us since its previous one."""
         seq = info.get('publication_sequence_number') if isinstance(info, dict) else None
         gid = (info.get('publisher_gid') or {}).get('data') if isinstance(info, dict) else None
         if seq is None or gid is None:
-            return
+            return 0
         key = bytes(gid)
         last = self._last_seq.get(key)
+        self._last_seq[key] = seq
         if last is not None and seq > last + 1:
             self.stats.add('lost', seq - last - 1)
-        self._last_seq[key] = seq
+            return seq - last - 1
+        return 0
 
-    def _offer(self, frame: _Frame, info: Any) -> None:
-        self._count_gaps(info)
+    def _warn_lost_once(self, lost: int, frame_bytes: int, topic: str) -> None:
+        """The first time a publisher's frames go missing, say why that usually happens and
+        what to do (once: the counter on /diagnostics keeps the count)."""
+        if self._lost_warned:
+            return
+        self._lost_warned = True
+        profile = config_path(FASTDDS_PROFILE)
+        self.get_logger().warning(
+            f'{lost} camera frame(s) from a publisher on {topic} never arrived (this one is '
+            f'{frame_bytes / 1e6:.1f} MB; "lost" on /diagnostics counts them). Frames over 512 kB need '
+            f'Fast DDS\'s larger shared-memory segment in the camera\'s process too: export '
+            f'FASTDDS_DEFAULT_PROFILES_FILE={profile} before starting the camera driver. Frames over 32 MB '
+            f'do not fit even then. Or subscribe to the compressed topic instead '
+            f'(launch argument camera_transport:=compressed, or compressed_image_topic). Warned once.')
+
+    def _offer(self, frame: _Frame, info: Any, size: int, topic: str) -> None:
+        lost = self._count_gaps(info)
+        if lost:
+            self._warn_lost_once(lost, size, topic)
         self.stats.add('received')
         with self._slot_cv:
             if self._slot is not None:
@@ -298,10 +334,10 @@ class EdgeNode(Node):
             self._slot_cv.notify()
 
     def _on_image(self, msg: Image, info: Any) -> None:
-        self._offer(_Frame(msg, msg.header, time.monotonic()), info)
+        self._offer(_Frame(msg, msg.header, time.monotonic()), info, len(msg.data), self._image_topic)
 
     def _on_compressed(self, msg: CompressedImage, info: Any) -> None:
-        self._offer(_Frame(msg, msg.header, time.monotonic()), info)
+        self._offer(_Frame(msg, msg.header, time.monotonic()), info, len(msg.data), self._compressed_topic)
 
     def _on_answer(self, data: bytes) -> None:
         try:
@@ -382,7 +418,10 @@ class EdgeNode(Node):
         self._monitor.note_frame(time.monotonic() - frame.received)
         self.stats.add('processed')
         seq = next(self._seq)
-        result = OffloadResult(header=frame.header, request_id=f'{self._robot_id or "robot"}/{self._boot}-{seq}',
+        # A 64-bit random nonce per request: an answer cannot be forged by guessing its id, and
+        # only an id in flight is acted on (UplinkMonitor.answered).
+        rid = f'{self._robot_id or "robot"}/{seq}-{secrets.token_hex(8)}'
+        result = OffloadResult(header=frame.header, request_id=rid,
                                sequence=seq, method=p['method'], random_weights=self._pipeline.vit.random_weights,
                                label=decision.label, edge_label=decision.label,
                                confidence=decision.confidence, min_entropy=decision.min_entropy)
