@@ -47,6 +47,12 @@ SPECS = {
     'max_queue_per_robot': Spec('requests one robot may have waiting; its oldest is shed BUSY',
                                 int_range=(1, 10_000)),
     'max_batch': Spec('requests per server forward at most', int_range=(1, 1024)),
+    'backend': Spec('where the server model runs: local (this process) or ray (Ray Serve)', read_only=True,
+                    choices=('local', 'ray')),
+    'ray_address': Spec('Ray cluster ("" = start one here, "auto" = the local head)', read_only=True),
+    'ray_replicas': Spec('Serve replicas of the server model', read_only=True, int_range=(1, 1024)),
+    'ray_autoscaling': Spec('Serve autoscaling_config as JSON ("" = fixed ray_replicas)', read_only=True),
+    'ray_replica_cpus': Spec('CPUs Ray reserves per replica', read_only=True, float_range=(0.0, 1024.0)),
     'batch_wait_ms': Spec('wait for a fuller batch at most, ms', float_range=(0.0, 1000.0)),
     'model': Spec('timm server model', read_only=True),
     'weights': Spec('checkpoint path, hub, hf-hub:..., or random[:SEED]', read_only=True),
@@ -76,8 +82,7 @@ class CloudNode(Node):
         self.add_on_set_parameters_callback(validator(SPECS))
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
-        self._backend: ServerBackend = LocalBackend(p['model'], p['weights'], device=p['device'],
-                                                    num_threads=p['num_threads'])
+        self._backend: ServerBackend = self._new_backend(p)
         if self._backend.random_weights:
             self.get_logger().warning(f'server model {p["model"]} runs with RANDOM weights '
                                       f'({self._backend.weights}): labels are meaningless')
@@ -118,6 +123,17 @@ class CloudNode(Node):
         self._worker.start()
         self.get_logger().info(f'ready: {p["model"]} ({self._backend.weights}), max budget {p["max_budget"]}, '
                                f'batches of up to {p["max_batch"]}')
+
+    @staticmethod
+    def _new_backend(p: dict[str, Any]) -> ServerBackend:
+        if p['backend'] == 'ray':
+            from sage_ros.serving.ray_backend import RayBackend
+
+            return RayBackend(p['model'], p['weights'], address=p['ray_address'], replicas=p['ray_replicas'],
+                              autoscaling=p['ray_autoscaling'], replica_cpus=p['ray_replica_cpus'],
+                              device=p['device'], num_threads=p['num_threads'], max_batch=p['max_batch'],
+                              batch_wait_ms=p['batch_wait_ms'])
+        return LocalBackend(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
 
     def _on_params_set(self, params: list[Any]) -> None:
         self._params = p = {**self._params, **{q.name: q.value for q in params}}
@@ -198,6 +214,10 @@ class CloudNode(Node):
         probs = self._backend.classify([(patches, indices) for _, _, indices, patches in valid])
         self.stats.add('batches')
         for (req, msg, indices, _), row in zip(valid, probs):
+            if not np.isfinite(row).all():  # the backend lost it (a Ray replica died twice)
+                self.stats.add('errors')
+                self._send(req, self._answer(req, msg, CloudResult.STATUS_ERROR, 'server model unavailable'))
+                continue
             top = np.argsort(-row, kind='stable')[: p['topk']]
             answer = self._answer(req, msg, CloudResult.STATUS_OK, '')
             answer.labels = top.astype(np.int32)
