@@ -126,9 +126,14 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from sage_ros.transport.security import write_deployment
+    from sage_ros.transport.security import DeploymentError, write_deployment
 
-    files = write_deployment(args.out, robots=args.robots, cloud_hosts=args.cloud_host, port=args.port)
+    try:
+        files = write_deployment(args.out, robots=args.robots, cloud_hosts=args.cloud_host, port=args.port,
+                                 force=args.force)
+    except DeploymentError as exc:
+        print(f'sage-ros certs: {exc}', file=sys.stderr)
+        return 2
     print(f'wrote a CA, certificates, keys (0600), credentials and Zenoh configs to {args.out}:')
     for name, path in files.items():
         print(f'  {name:<16} {path}')
@@ -234,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='DNS name or IP the robots use to reach the cloud (repeatable)')
     certs.add_argument('--port', type=int, default=7447, help='router TLS port')
     certs.add_argument('--out', type=Path, required=True, help='output folder (keep it private)')
+    certs.add_argument('--force', action='store_true', help='replace a CA already in --out (invalidates its certificates)')
     certs.set_defaults(func=_cmd_certs)
 
     ev = sub.add_parser('eval', help="sweep methods x budgets x eta over a bag: the paper's tables and plots",

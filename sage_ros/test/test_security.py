@@ -148,3 +148,29 @@ def test_nodes_over_mutual_tls(deployment, ros_env, imagenet_dir, tmp_path):
             client.destroy_node()
         bring.stop()
         log.close()
+
+
+@pytest.mark.parametrize('robots, why', [
+    (['ca'], 'reserved'), (['sage-cloud'], 'reserved'), (['robot1', 'robot1'], 'twice'),
+    (['a#b'], 'not a valid'), (['r?'], 'not a valid'), (['r$1'], 'not a valid'), (['r*'], 'not a valid'),
+    (['a/b'], 'not a valid'), (['1robot'], 'not a valid'), ([], 'at least one'),
+])
+def test_certs_refuse_dangerous_robot_ids(tmp_path, robots, why):
+    from sage_ros.transport.security import DeploymentError
+
+    with pytest.raises(DeploymentError, match=why):
+        write_deployment(tmp_path / 'd', robots=robots, cloud_hosts=['127.0.0.1'])
+    assert not (tmp_path / 'd').exists()  # nothing written
+
+
+def test_certs_never_replace_a_ca_without_force(tmp_path, capsys):
+    from sage_ros.cli import main
+
+    out = tmp_path / 'd'
+    assert main(['certs', '--robots', 'robot1', '--cloud-host', '127.0.0.1', '--out', str(out)]) == 0
+    ca = (out / 'ca.key').read_bytes()
+    assert main(['certs', '--robots', 'robot2', '--cloud-host', '127.0.0.1', '--out', str(out)]) == 2
+    assert 'already holds a CA' in capsys.readouterr().err and (out / 'ca.key').read_bytes() == ca
+    assert main(['certs', '--robots', 'robot2', '--cloud-host', '127.0.0.1', '--out', str(out), '--force']) == 0
+    assert (out / 'ca.key').read_bytes() != ca
+    assert main(['certs', '--robots', 'ca', '--cloud-host', '127.0.0.1', '--out', str(tmp_path / 'e')]) == 2

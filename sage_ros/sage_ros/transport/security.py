@@ -13,6 +13,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +128,47 @@ def acl(robots: Sequence[str], *, request: str = 'sage/patch_set', answer: str =
             'policies': policies}
 
 
+# A robot id is its ROS namespace (one token) and a Zenoh key chunk: letters, digits and
+# underscores, not starting with a digit (ROS name rules, which also exclude every Zenoh
+# special character: / * $ # ?).
+_ROBOT_ID = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+# Names whose files the deployment itself writes: a robot by that name would overwrite them.
+RESERVED = ('ca', CLOUD_NAME, 'credentials', 'router', 'cloud')
+
+
+class DeploymentError(ValueError):
+    """A deployment that must not be written (a bad robot id, an existing CA)."""
+
+
+def check_robot_ids(robots: Sequence[str]) -> None:
+    """Refuse ids that are reserved, repeated, or not valid ROS namespaces and Zenoh key chunks."""
+    if not robots:
+        raise DeploymentError('give at least one robot id')
+    seen: set[str] = set()
+    for r in robots:
+        if r.lower() in RESERVED:
+            raise DeploymentError(f'robot id {r!r} is reserved (its files would overwrite the '
+                                  f'{"CA" if r.lower() == "ca" else "cloud"}\'s); reserved: {", ".join(RESERVED)}')
+        if not _ROBOT_ID.match(r):
+            raise DeploymentError(f'robot id {r!r} is not a valid ROS namespace and Zenoh key chunk '
+                                  '(letters, digits and _, not starting with a digit)')
+        if r in seen:
+            raise DeploymentError(f'robot id {r!r} is given twice')
+        seen.add(r)
+
+
 def write_deployment(out: Path, *, robots: Sequence[str], cloud_hosts: Sequence[str], port: int = 7447,
-                     listen_host: str = '0.0.0.0') -> dict[str, Path]:
-    """CA, certificates, credentials and Zenoh configs for a TLS deployment (see module doc)."""
+                     listen_host: str = '0.0.0.0', force: bool = False) -> dict[str, Path]:
+    """CA, certificates, credentials and Zenoh configs for a TLS deployment (see module doc).
+
+    An existing CA in ``out`` is never replaced without ``force``: every certificate it signed
+    would stop working.
+    """
+    check_robot_ids(robots)
+    if (out / 'ca.key').exists() and not force:
+        raise DeploymentError(f'{out} already holds a CA (ca.key); replacing it invalidates every certificate '
+                              'it signed. Use another --out, or --force to replace it')
     out.mkdir(parents=True, exist_ok=True)
-    if any(not r or '/' in r or '*' in r for r in robots):
-        raise ValueError(f'robot ids must be plain names, got {list(robots)}')
     ca = make_ca(out)
     cloud = issue(ca, out, CLOUD_NAME, hosts=cloud_hosts)
     passwords = {name: secrets.token_urlsafe(18) for name in (CLOUD_NAME, *robots)}
