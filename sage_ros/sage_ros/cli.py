@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +51,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.fleet:
+        from sage_ros.eval.fleet_bench import batching, flood_fairness
+
+        overrides = {'weights': args.weights, **parse_overrides(args.param)}
+        check_overrides_known(overrides, NODES)
+        images = args.images or Path(os.environ.get('SAGE_ROS_DATA', 'data')) / 'images'
+        flood_fairness(images, overrides=overrides)
+        batching(images, overrides=overrides)
+        return 0
     if args.pipeline:
         from sage_ros.eval.pipeline_bench import run_from_args
 
@@ -188,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--pipeline', action='store_true',
                        help='the pipeline benchmark instead: brings up its own router, cloud and edge '
                             '(options below)')
+    bench.add_argument('--fleet', action='store_true',
+                       help='the fleet cloud instead: fairness while one robot floods, answers/s by max_batch')
     bench.add_argument('-p', '--param', action='append', default=[], metavar='NAME:=VALUE',
                        help='--pipeline: node parameter override, ROS style (e.g. -p max_in_flight:=8)')
     from sage_ros.eval.pipeline_bench import add_arguments as add_pipeline_arguments

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import zenoh
 from rclpy.serialization import deserialize_message, serialize_message
-from sage_ros_msgs.msg import CloudResult, PatchSet
+from sage_ros_msgs.msg import CloudResult
 
 from sage_ros.bringup import Bringup, plan
-from sage_ros.core import Budget, SelectionConfig, edge_forward, normalize, plan_offload, resize_crop
+from sage_ros.eval.fleet_bench import real_requests
 from sage_ros.live_client import LiveClient
 from sage_ros.system_demo import free_port
 
@@ -27,19 +27,6 @@ VIRTUAL_ROBOTS = 4
 def rss_kb(pid: int) -> int:
     with open(f'/proc/{pid}/status') as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith('VmRSS:'))
-
-
-def _requests(tiny, images, robot):
-    """Real B=64 JPEG requests of a few frames, as a robot would send them."""
-    out = []
-    for i, rgb in enumerate(images[:4]):
-        crop, _ = resize_crop(rgb, crop_pct=tiny.crop_pct)
-        edge = edge_forward(tiny, normalize(crop, tiny.mean, tiny.std))[0]
-        p = plan_offload(crop, edge, Budget(64), SelectionConfig())
-        out.append(PatchSet(robot_id=robot, input_size=224, patch_size=16, grid_rows=14, grid_cols=14,
-                            budget_patches=64, method='sage', indices=p.indices.astype(np.uint16),
-                            encoding='jpeg', quality=90, payload=p.payload))
-    return out
 
 
 def test_soak_several_robots_one_cloud(ros_env, tiny, real_images, tmp_path):
@@ -65,7 +52,7 @@ def test_soak_several_robots_one_cloud(ros_env, tiny, real_images, tmp_path):
         lock = threading.Lock()
 
         def virtual(robot: str) -> None:
-            reqs = _requests(tiny, real_images, robot)
+            reqs = real_requests(real_images[:4], robot, 64)
             got = threading.Event()
 
             def on_answer(sample):

@@ -93,7 +93,8 @@ def test_every_frame_gets_one_result_within_budget_with_the_clouds_label(system,
     seqs = [r.sequence for r in results]
     assert seqs == sorted(seqs) and len(set(r.request_id for r in results)) == len(results)
     for rgb, res in zip(system.images, results):
-        assert res.request_id.endswith(f'-{res.sequence}')
+        robot_seq, _, nonce = res.request_id.rpartition('-')
+        assert robot_seq.endswith(f'/{res.sequence}') and len(nonce) == 16  # 64 random bits
         # Random weights are never confident: every frame is offloaded and answered by the cloud.
         assert res.source == OffloadResult.SOURCE_CLOUD, res.detail
         assert 0 < res.patches_sent <= BUDGET and res.bytes_sent <= BYTE_BUDGET
@@ -399,3 +400,30 @@ def test_cloud_or_router_loss_falls_back_and_recovers_without_restarting_the_edg
         assert sources[-1] == OffloadResult.SOURCE_CLOUD, f'no recovery after {lost} restart: {sources}'
     assert next(p.popen.pid for p in system.bring.procs if p.name == 'edge') == edge_pid
     assert not system.bring.dead()
+
+
+def test_answers_cannot_be_forged_by_guessing_the_request_id(system):
+    """Ids carry a 64-bit nonce, and the edge acts only on ids it has in flight: answers for
+    the right robot and sequence with guessed nonces are counted and dropped."""
+    client = system.client
+    last = client.classify(system.images[0], timeout=20)
+    assert last is not None
+    before = _stats(client, '/sage_edge')['late_answers']
+    robot_seq = last.request_id.rpartition('-')[0].rpartition('/')[0]
+    forged = [serialize_message(CloudResult(request_id=f'{robot_seq}/{last.sequence + 1}-{i:016x}',
+                                            status=CloudResult.STATUS_OK, labels=np.array([999], np.int32),
+                                            scores=np.array([1.0], np.float32)))
+              for i in range(200)]
+    session = zenoh.open(_client_config(system.endpoint))
+    try:
+        time.sleep(0.5)
+        stamp = client.publish(system.images[1])
+        for data in forged:  # while the real request is in flight
+            session.put('sage/cloud_result', data)
+        res = client.wait_result(stamp, 20)
+    finally:
+        session.close()
+    assert res is not None and res.sequence == last.sequence + 1
+    assert res.source == OffloadResult.SOURCE_CLOUD and res.label != 999
+    client.drain(1.2)
+    assert _stats(client, '/sage_edge')['late_answers'] - before >= 150

@@ -143,3 +143,17 @@ def classify_batch(vit: VitModel, requests: list[tuple[np.ndarray, np.ndarray]])
     x = normalize(patches.reshape(b * n, p, p, 3), vit.mean, vit.std).reshape(b, n, 3, p, p)
     logits = server_forward_subset(vit, x, torch.from_numpy(indices), torch.from_numpy(valid))
     return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+def size_groups(token_counts: list[int], *, pad_limit: float = 2.0) -> list[list[int]]:
+    """Positions of requests grouped for padded forwards, smallest first: within a group the
+    largest has at most ``pad_limit`` times the tokens of the smallest (plus CLS), so padding
+    never costs a small request a big one's time."""
+    order = sorted(range(len(token_counts)), key=lambda i: token_counts[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and token_counts[i] + 1 <= pad_limit * (token_counts[groups[-1][0]] + 1):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups

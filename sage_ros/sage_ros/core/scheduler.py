@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Fair queueing of the cloud's work between robots, and batches for the server model.
 
-One queue per robot, served in turn (round robin), each bounded. A robot over its bound sheds
+One queue per robot, served in turn (round robin: a batch takes at most one request of each
+robot, starting where the last one stopped), each bounded. A robot over its bound sheds
 its own oldest request; when all queues together are over ``max_queue``, the robot with the
 longest queue sheds. A flooding robot therefore fills and sheds only its own queue, while a
 well-behaved one is served within one turn. The caller answers every shed item (BUSY), so
@@ -87,7 +88,7 @@ class FairScheduler(Generic[T]):
             return self._total()
 
     def take(self, max_batch: int, *, wait_s: float = 0.0, timeout: float = 0.2) -> list[tuple[str, T]]:
-        """Up to ``max_batch`` (robot, item), one per robot per turn, round robin.
+        """Up to ``max_batch`` (robot, item), at most one per robot, robots in turn (round robin).
 
         Blocks up to ``timeout`` for the first item, then up to ``wait_s`` more while the batch
         is not full (a short wait fills batches under load and costs little when idle).
@@ -101,8 +102,12 @@ class FairScheduler(Generic[T]):
                 left = end - time.monotonic()
                 if left <= 0 or not self._cv.wait(left):
                     break
+            # One turn: at most one request per robot in a batch, so a robot with a full queue
+            # cannot fill the batch that another robot's request then waits behind.
             batch: list[tuple[str, T]] = []
-            while len(batch) < max_batch and self._total() > 0:
+            for _ in range(len(self._turn)):
+                if len(batch) >= max_batch:
+                    break
                 robot = self._turn[0]
                 self._turn.rotate(-1)
                 q = self._queues[robot]

@@ -26,6 +26,7 @@ from rclpy.serialization import serialize_message
 from sage_ros_msgs.msg import CloudResult, PatchSet
 
 from sage_ros.core.labels import class_name
+from sage_ros.core.offload import size_groups
 from sage_ros.core.request import RequestLimits
 from sage_ros.core.scheduler import FairScheduler
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
@@ -193,7 +194,6 @@ class CloudNode(Node):
             self._send(req, self._answer(req, msg, CloudResult.STATUS_REJECTED, why))
 
     def _handle(self, reqs: list[_Request]) -> None:
-        p = self._params
         now = time.time_ns()
         valid: list[tuple[_Request, Any, np.ndarray, np.ndarray]] = []
         for req in reqs:
@@ -209,8 +209,13 @@ class CloudNode(Node):
                 self._send(req, self._answer(req, msg, CloudResult.STATUS_PROBE, 'probe'))
                 continue
             valid.append((req, msg, indices, patches))
-        if not valid:
-            return
+        # One forward per group of similar sizes, smallest first, each answered at once: a
+        # small request never waits for, or pays the padding of, a big one in its batch.
+        for group in size_groups([int(v[2].size) for v in valid]):
+            self._serve([valid[i] for i in group])
+
+    def _serve(self, valid: list[tuple[_Request, Any, np.ndarray, np.ndarray]]) -> None:
+        p = self._params
         probs = self._backend.classify([(patches, indices) for _, _, indices, patches in valid])
         self.stats.add('batches')
         for (req, msg, indices, _), row in zip(valid, probs):

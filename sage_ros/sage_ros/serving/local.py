@@ -37,6 +37,8 @@ class LocalBackend:
         self.classify([(np.zeros((64, p, p, 3), np.uint8), np.arange(64))])
 
     def classify(self, requests: list[Request]) -> np.ndarray:
+        """One forward, requests padded to the largest and the padding masked; the caller
+        groups sizes (:func:`sage_ros.core.offload.size_groups`)."""
         return classify_batch(self.vit, requests)
 
     def close(self) -> None:
