@@ -52,13 +52,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.fleet:
-        from sage_ros.eval.fleet_bench import batching, flood_fairness
+        from sage_ros.eval.fleet_bench import batching, flood_fairness, ray_replicas
 
         overrides = {'weights': args.weights, **parse_overrides(args.param)}
         check_overrides_known(overrides, NODES)
         images = args.images or Path(os.environ.get('SAGE_ROS_DATA', 'data')) / 'images'
         flood_fairness(images, overrides=overrides)
         batching(images, overrides=overrides)
+        ray_replicas(images)
         return 0
     if args.pipeline:
         from sage_ros.eval.pipeline_bench import run_from_args

@@ -83,3 +83,21 @@ def test_size_groups_bound_the_padding_and_start_with_the_smallest():
     for g in groups:
         assert max(counts[i] for i in g) + 1 <= 2 * (min(counts[i] for i in g) + 1)
     assert size_groups([64] * 8) == [list(range(8))]  # equal sizes: one batch
+
+
+def test_bf16_autocast_gives_the_same_answers_within_its_precision(base, real_images):
+    from sage_ros.serving.local import LocalBackend
+
+    rng = np.random.default_rng(2)
+    requests = []
+    for rgb in real_images[:4]:
+        crop, _ = base.crop(rgb)
+        idx = np.sort(rng.choice(196, 64, replace=False))
+        requests.append((extract_patches(crop, idx), idx))
+    full, half = (LocalBackend.__new__(LocalBackend) for _ in range(2))
+    full.vit = half.vit = base
+    full._precision, half._precision = 'fp32', 'bf16'
+    a, b = full.classify(requests), half.classify(requests)
+    assert np.abs(a - b).max() < 0.05 and not np.array_equal(a, b)  # bf16 did run, and stays close
+    with pytest.raises(ValueError, match='precision'):
+        LocalBackend('deit_tiny_patch16_224', 'random:0', precision='fp8')

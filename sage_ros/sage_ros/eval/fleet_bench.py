@@ -223,3 +223,31 @@ def batching(images_dir: Path, *, max_batches: tuple[int, ...] = (1, 4, 8, 16), 
     if 1 in rates:
         emit('  speed-up over max_batch 1: ' + ', '.join(f'{b}: {r / rates[1]:.2f}x' for b, r in rates.items()))
     return rates
+
+
+def ray_replicas(images_dir: Path, *, replicas: tuple[int, ...] = (1, 2), robots: int = 8, budget: int = 64,
+                 seconds: float = 10.0, emit: Callable[[str], None] = print) -> dict[int, float]:
+    """Answers per second through the Ray Serve backend with each number of replicas, with
+    ``robots`` requests of ``budget`` patches in flight at a time (the server model, DeiT-Base,
+    with random weights). On one machine the replicas share its CPUs: this measures the
+    mechanics, not the scale-out a cluster gives."""
+    from sage_ros.core.codec import decode_patches
+    from sage_ros.serving.ray_backend import RayBackend
+
+    reqs = [(decode_patches(bytes(r.payload), r.encoding, len(r.indices)), np.asarray(r.indices, np.int64))
+            for r in real_requests(_images(images_dir, robots), 'bench', budget)]
+    rates: dict[int, float] = {}
+    for n in replicas:
+        backend = RayBackend('deit_base_patch16_224', 'random:0', replicas=n,
+                             replica_cpus=max(0.1, (os.cpu_count() or 1) / n), max_batch=robots)
+        try:
+            backend.classify(reqs)  # warm-up
+            done, t0 = 0, time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                done += int(np.isfinite(backend.classify(reqs)).all(axis=1).sum())
+            rates[n] = done / (time.monotonic() - t0)
+            emit(f'ray: {n} replica(s), {robots} requests of {budget} patches at a time: {rates[n]:.2f} answers/s '
+                 f'(replicas used: {len(set(backend.served_by))})')
+        finally:
+            backend.close()
+    return rates

@@ -48,6 +48,8 @@ SPECS = {
     'max_queue_per_robot': Spec('requests one robot may have waiting; its oldest is shed BUSY',
                                 int_range=(1, 10_000)),
     'max_batch': Spec('requests per server forward at most', int_range=(1, 1024)),
+    'precision': Spec('server model arithmetic: fp32, or fp16/bf16 autocast (GPUs)', read_only=True,
+                      choices=('fp32', 'fp16', 'bf16')),
     'backend': Spec('where the server model runs: local (this process) or ray (Ray Serve)', read_only=True,
                     choices=('local', 'ray')),
     'ray_address': Spec('Ray cluster ("" = start one here, "auto" = the local head)', read_only=True),
@@ -132,9 +134,11 @@ class CloudNode(Node):
 
             return RayBackend(p['model'], p['weights'], address=p['ray_address'], replicas=p['ray_replicas'],
                               autoscaling=p['ray_autoscaling'], replica_cpus=p['ray_replica_cpus'],
-                              device=p['device'], num_threads=p['num_threads'], max_batch=p['max_batch'],
+                              device=p['device'], num_threads=p['num_threads'], precision=p['precision'],
+                              max_batch=p['max_batch'],
                               batch_wait_ms=p['batch_wait_ms'])
-        return LocalBackend(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
+        return LocalBackend(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'],
+                            precision=p['precision'])
 
     def _on_params_set(self, params: list[Any]) -> None:
         self._params = p = {**self._params, **{q.name: q.value for q in params}}

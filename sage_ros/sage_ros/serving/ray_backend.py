@@ -37,11 +37,11 @@ def _deployment() -> Any:
     class ServerModel:
         """One replica: the server model in-process, batching the calls it receives."""
 
-        def __init__(self, model: str, weights: str, device: str, num_threads: int, max_batch: int,
+        def __init__(self, model: str, weights: str, device: str, num_threads: int, precision: str, max_batch: int,
                      batch_wait_s: float) -> None:
             from sage_ros.serving.local import LocalBackend
 
-            self.backend = LocalBackend(model, weights, device=device, num_threads=num_threads)
+            self.backend = LocalBackend(model, weights, device=device, num_threads=num_threads, precision=precision)
             import ray
 
             # The replica's actor name: unique, and what ray.get_actor(name, namespace='serve') takes.
@@ -84,7 +84,8 @@ class RayBackend:
     """
 
     def __init__(self, model: str, weights: str, *, address: str = '', replicas: int = 1, autoscaling: str = '',
-                 replica_cpus: float = 1.0, device: str = 'cpu', num_threads: int = 0, max_batch: int = 8,
+                 replica_cpus: float = 1.0, device: str = 'cpu', num_threads: int = 0, precision: str = 'fp32',
+                 max_batch: int = 8,
                  batch_wait_ms: float = 5.0, timeout_s: float = 30.0) -> None:
         try:
             import ray
@@ -114,7 +115,7 @@ class RayBackend:
                 raise ServingError(f'ray_autoscaling is not JSON: {exc}') from None
         else:
             options['num_replicas'] = replicas
-        app = _deployment().options(**options).bind(model, weights, device, num_threads, max_batch,
+        app = _deployment().options(**options).bind(model, weights, device, num_threads, precision, max_batch,
                                                     batch_wait_ms / 1e3)
         try:
             self._handle = serve.run(app, name=APP, route_prefix=None)
