@@ -188,19 +188,21 @@ def selection_config(edge: dict[str, Any]) -> SelectionConfig:
     # Imported here: the router reads parameters too and must not pay for torch.
     from sage_ros.core.offload import SelectionConfig
 
-    method_params: dict[str, Any] = {}
-    if edge['method'] == 'attention_threshold':
-        method_params['delta'] = float(edge['delta'])
-    elif edge['method'] == 'attention_sum':
-        method_params['delta_sum'] = float(edge['delta_sum'])
     return SelectionConfig(
         method=edge['method'],
         prefilter_ratio=float(edge['prefilter_ratio']),
         seed=int(edge['seed']),
         encoding=edge['codec'],
         quality=int(edge['jpeg_quality']),
-        method_params=method_params,
+        method_params=method_params(edge).get(edge['method'], {}),
     )
+
+
+def method_params(edge: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each selection method's own parameters, from sage_edge parameters."""
+    return {'attention_threshold': {'delta': float(edge['delta'])},
+            'attention_sum': {'delta_sum': float(edge['delta_sum'])},
+            'bat': {'attentive_share': float(edge['bat_attentive_share']), 'k': int(edge['bat_k'])}}
 
 
 def gate_config(edge: dict[str, Any]) -> GateConfig:

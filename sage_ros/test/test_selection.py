@@ -13,6 +13,8 @@ from sage_ros.core import (
     select,
     select_attention_sum,
     select_attention_threshold,
+    select_attention_topk,
+    select_bat,
     select_detailed,
     select_sage,
     select_uniform_grid,
@@ -139,3 +141,36 @@ def test_bad_arguments_are_clear_errors():
         select('attention_topk', np.full(N, np.nan), None, 4)
     with pytest.raises(SelectionError, match='prefilter_ratio'):
         select('sage', att, np.ones((N, 3)), 4, prefilter_ratio=0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(frames(), st.integers(1, N))
+def test_bat_with_attentive_share_1_is_the_attention_prefix(frame, budget):
+    att, emb = frame
+    np.testing.assert_array_equal(select_bat(att, emb, budget, attentive_share=1.0),
+                                  select_attention_topk(att, budget))
+
+
+def test_bat_spends_the_rest_of_the_budget_on_the_centres_of_dense_clusters():
+    """Two tight clusters of embeddings and scattered patches, all with low attention: the
+    diverse part picks one patch per cluster before anything else."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(N, 8)) * 3.0
+    emb[10:20] = np.array([10.0] * 8) + rng.normal(size=(10, 8)) * 0.01
+    emb[50:60] = np.array([-10.0] * 8) + rng.normal(size=(10, 8)) * 0.01
+    att = np.full(N, 0.001)
+    att[[100, 101, 102, 103]] = [0.5, 0.4, 0.3, 0.2]
+    idx = select_bat(att, emb, 6, attentive_share=4 / 6)
+    assert idx[:4].tolist() == [100, 101, 102, 103]  # the attentive part, in attention order
+    centres = set(idx[4:].tolist())
+    assert len(centres & set(range(10, 20))) == 1 and len(centres & set(range(50, 60))) == 1
+
+
+def test_bat_refuses_bad_parameters():
+    att, emb = np.full(N, 1.0 / N), np.ones((N, 4))
+    with pytest.raises(SelectionError, match='attentive_share'):
+        select_bat(att, emb, 8, attentive_share=1.5)
+    with pytest.raises(SelectionError, match='k must be'):
+        select_bat(att, emb, 8, k=0)
+    with pytest.raises(SelectionError, match='embeddings'):
+        select_bat(att, emb[:10], 8)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
 GRID_SIDE = 14
-METHODS = ('sage', 'attention_topk', 'attention_threshold', 'attention_sum', 'random', 'uniform_grid')
+METHODS = ('sage', 'attention_topk', 'attention_threshold', 'attention_sum', 'random', 'uniform_grid', 'bat')
 # Methods whose natural output size is not the budget; they are truncated to it.
 THRESHOLD_METHODS = frozenset({'attention_threshold', 'attention_sum'})
 
@@ -97,6 +97,68 @@ def select_sage(
         np.maximum(max_sim, sim[j], out=max_sim)
         max_sim[j] = np.inf
     return cand[picked]
+
+
+def _check_embeddings(embeddings: ArrayLike, n: int) -> np.ndarray:
+    e = np.asarray(embeddings, dtype=np.float32)
+    if e.ndim != 2 or e.shape[0] != n:
+        raise SelectionError(f'embeddings must have shape ({n}, D), got {e.shape}')
+    if not np.all(np.isfinite(e)):
+        raise SelectionError('embeddings hold NaN or inf')
+    return e
+
+
+def select_bat(
+    attention: ArrayLike,
+    embeddings: ArrayLike,
+    budget: int,
+    *,
+    attentive_share: float = 0.5,
+    k: int = 5,
+) -> np.ndarray:
+    """BAT (Long et al., "Beyond Attentive Tokens", CVPR 2023) under a hard budget of patches.
+
+    BAT keeps the attentive tokens and, for diversity, clusters the inattentive ones with
+    DPC-kNN and fuses each cluster into one token. Patches cannot be fused before they are
+    sent, so, as the SAGE paper compares it, the budget is split: the top
+    ``round(attentive_share * budget)`` patches by CLS attention, then the centres of the
+    density-peak clusters of the remaining patches' embeddings. DPC-kNN scores each remaining
+    patch by density ``rho = exp(-mean squared distance to its k nearest neighbours)`` times
+    ``delta``, its distance to the nearest denser patch (the largest distance for the
+    densest); the highest scores are the centres. Distances are Euclidean on the embeddings
+    divided by sqrt(D), as in TCFormer's DPC-kNN. ``attentive_share`` 1 is the attention prefix.
+    """
+    a = _check_attention(attention)
+    n = a.size
+    b = _check_budget(budget, n)
+    if not 0.0 <= attentive_share <= 1.0:
+        raise SelectionError(f'attentive_share must be in [0, 1], got {attentive_share}')
+    if k < 1:
+        raise SelectionError(f'k must be >= 1, got {k}')
+    e = _check_embeddings(embeddings, n)
+    order = attention_order(a)
+    n_att = min(b, int(round(attentive_share * b)))
+    attentive, rest = order[:n_att], order[n_att:]
+    n_div = b - n_att
+    if n_div == 0 or rest.size == 0:
+        return attentive
+    x = e[rest].astype(np.float64) / math.sqrt(e.shape[1])
+    sq = np.sum(x * x, axis=1)
+    d2 = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+    kk = min(k, rest.size - 1)
+    if kk > 0:
+        knn = np.sort(d2, axis=1)[:, 1:kk + 1]  # column 0 is the patch itself
+        rho = np.exp(-knn.mean(axis=1))
+    else:
+        rho = np.ones(rest.size)
+    dist = np.sqrt(d2)
+    # Ties in density go to the higher attention (rest is in attention order): "denser" is
+    # strictly greater density, or equal density and earlier in that order.
+    pos = np.arange(rest.size)
+    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (pos[None, :] < pos[:, None]))
+    delta = np.where(denser.any(axis=1), np.where(denser, dist, np.inf).min(axis=1), dist.max(axis=1))
+    centres = rest[np.argsort(-(rho * delta), kind='stable')[:n_div]]
+    return np.concatenate([attentive, centres]).astype(np.int64)
 
 
 def select_attention_threshold(attention: ArrayLike, budget: int, *, delta: float = 0.005) -> np.ndarray:
@@ -192,6 +254,10 @@ def select_detailed(
         if embeddings is None:
             raise SelectionError('sage needs patch embeddings')
         idx = select_sage(a, embeddings, b, prefilter_ratio=prefilter_ratio, **method_params)
+    elif method == 'bat':
+        if embeddings is None:
+            raise SelectionError('bat needs patch embeddings')
+        idx = select_bat(a, embeddings, b, **method_params)
     elif method == 'attention_topk':
         idx = select_attention_topk(a, b, **method_params)
     elif method == 'random':
@@ -218,9 +284,9 @@ def select(
 ) -> np.ndarray:
     """Select at most ``budget`` patch indices with ``method``, in selection order.
 
-    ``attention`` has shape (N,), ``embeddings`` (N, D) (only ``sage`` reads them).
+    ``attention`` has shape (N,), ``embeddings`` (N, D) (only ``sage`` and ``bat`` read them).
     ``method_params`` go to the method: ``delta`` for ``attention_threshold``,
-    ``delta_sum`` for ``attention_sum``.
+    ``delta_sum`` for ``attention_sum``, ``attentive_share`` and ``k`` for ``bat``.
     """
     return select_detailed(
         method, attention, embeddings, budget, prefilter_ratio=prefilter_ratio, seed=seed, **method_params

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 from sage_ros.eval.report import write_csv, write_markdown, write_plots
 from sage_ros.eval.sweep import SweepConfig, rows, run_sweep
+from sage_ros.params import method_params
 
 
 def sweep_config(edge: dict[str, Any], cloud: dict[str, Any], *, methods: Sequence[str], budgets: Sequence[int],
@@ -20,8 +21,7 @@ def sweep_config(edge: dict[str, Any], cloud: dict[str, Any], *, methods: Sequen
         gate_metric=edge['gate_metric'], edge_model=edge['model'], server_model=cloud['model'],
         edge_weights=edge['weights'], server_weights=cloud['weights'], crop_pct=float(edge['crop_pct']),
         embedding_source=edge['embedding_source'], seed=int(edge['seed']),
-        method_params={'attention_threshold': {'delta': float(edge['delta'])},
-                       'attention_sum': {'delta_sum': float(edge['delta_sum'])}},
+        method_params=method_params(edge),
         limit=limit,
     )
 
