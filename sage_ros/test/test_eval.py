@@ -53,11 +53,13 @@ def test_sweep_rows_budgets_and_reference_rows(swept):
     out, paths, rows = swept
     assert tuple(rows[0]) == CSV_COLUMNS
     methods = {r['method'] for r in rows}
-    assert methods == set(METHODS) | {'all_patches', 'frame_jpeg'}
-    # 5 methods x 2 budgets + SAGE with k=1 at 2 budgets + 2 references, at each of 2 etas.
-    assert len(rows) == (5 * 2 + 2 + 2) * 2
+    assert methods == set(METHODS) | {'all_patches', 'frame_jpeg', 'frame_equal_bytes'}
+    # 5 methods x 2 budgets + SAGE with k=1 at 2 budgets + equal bytes at 2 budgets + 2
+    # references, at each of 2 etas.
+    assert len(rows) == (5 * 2 + 2 + 2 + 2) * 2
     for r in rows:
-        assert int(r['budget_violations']) == 0 and int(r['max_patches']) <= int(r['budget'])
+        assert int(r['budget_violations']) == 0
+        assert int(r['max_patches']) <= int(r['budget']) or r['method'] == 'frame_equal_bytes'
         assert r['edge_weights'] == 'random:0' and int(r['frames']) == 8
     at1 = [r for r in rows if float(r['eta']) == 1.0]
     at20 = [r for r in rows if float(r['eta']) == 20.0]
@@ -75,6 +77,30 @@ def test_sweep_rows_budgets_and_reference_rows(swept):
     sage_k1 = next(r for r in at1 if r['method'] == 'sage' and r['budget'] == '48' and r['prefilter_ratio'] == '1.0')
     prefix = next(r for r in at1 if r['method'] == 'attention_topk' and r['budget'] == '48')
     assert sage_k1['coverage_7x7'] == prefix['coverage_7x7']
+
+
+def test_equal_bytes_frames_never_exceed_the_sage_request_of_the_same_frame_and_budget(swept):
+    out, _, _ = swept
+    with EvalCache(out / 'cache.sqlite') as cache:
+        ctx = next(iter(cache.server_contexts()))
+        for b in BUDGETS:
+            sage = cache.server(ctx, sweep_mod.Setting('sage', b, 'jpeg', 90).key)
+            equal = cache.server(ctx, sweep_mod.Setting(sweep_mod.EQUAL_BYTES, b, 'jpeg', 90).key)
+            assert sage and set(equal) == set(sage)
+            for frame, rec in equal.items():
+                assert 0 < rec.bytes <= sage[frame].bytes and rec.patches == 196
+
+
+def test_encode_frame_within_takes_the_best_quality_then_downscales(real_images):
+    from sage_ros.eval.frame_jpeg import encode_frame_within
+
+    crop, _ = resize_crop(real_images[0])
+    big, mid, tiny = (encode_frame_within(crop, n) for n in (60_000, 4_000, 700))
+    assert big.quality == 95 and big.scale == 1.0 and big.num_bytes <= 60_000
+    assert mid.num_bytes <= 4_000 and mid.quality < big.quality
+    assert tiny.num_bytes <= 700 and tiny.quality == 5 and tiny.scale < 1.0
+    assert tiny.decoded.shape == crop.shape  # the server always sees a full-size frame
+    assert encode_frame_within(crop, 50) is None
 
 
 def test_reports_state_the_weights_and_plots_are_pngs(swept):
@@ -147,6 +173,6 @@ def test_eval_cli(bag, tmp_path, capsys):
                '--out', str(tmp_path), '--limit', '3', '--no-progress'])
     assert rc == 0
     rows = read_csv(tmp_path / 'results.csv')
-    assert {r['method'] for r in rows} == {'sage', 'random', 'all_patches', 'frame_jpeg'}
+    assert {r['method'] for r in rows} == {'sage', 'random', 'all_patches', 'frame_jpeg', 'frame_equal_bytes'}
     assert all(r['frames'] == '3' for r in rows)
     assert main(['eval', str(bag), '--methods', 'telepathy', '--out', str(tmp_path)]) == 2

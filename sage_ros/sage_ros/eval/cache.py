@@ -109,6 +109,10 @@ class EvalCache:
     def commit(self) -> None:
         self._db.commit()
 
+    def server_contexts(self) -> list[str]:
+        """Contexts (models, weights, selection parameters) with server answers cached."""
+        return [r[0] for r in self._db.execute('SELECT DISTINCT ctx FROM server')]
+
     def server(self, ctx: str, setting: str) -> dict[int, ServerRecord]:
         rows = self._db.execute('SELECT idx, label, confidence, patches, bytes, coverage, truncated FROM server '
                                 'WHERE ctx = ? AND setting = ?', (ctx, setting))

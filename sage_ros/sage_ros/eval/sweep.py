@@ -34,11 +34,14 @@ from sage_ros.core import (
 from sage_ros.core.pipeline import EdgePipeline
 from sage_ros.eval.bags import BagFrame, bag_fingerprint, count_frames, read_image_bag
 from sage_ros.eval.cache import EdgeRecord, EvalCache, ServerRecord, context_key
+from sage_ros.eval.frame_jpeg import encode_frame_within
 
 # Reference settings beside the methods: every patch raw (the server's ceiling), and the whole
 # 224x224 frame as one JPEG (what a budget-free uplink would send).
 CEILING = 'all_patches'
 FRAME_JPEG = 'frame_jpeg'
+# The whole frame as a JPEG of at most the bytes of that frame's SAGE request at the same B.
+EQUAL_BYTES = 'frame_equal_bytes'
 _SERVER_BATCH = 32
 
 
@@ -88,6 +91,7 @@ class SweepConfig:
         out = [Setting(m, b, c, self.quality) for m in self.methods for b in self.budgets for c in self.codecs]
         for k in self.prefilter_ratios:
             out += [Setting('sage', b, self.codecs[0], self.quality, k) for b in self.budgets]
+        out += [Setting(EQUAL_BYTES, b, self.codecs[0], self.quality) for b in self.budgets]
         out += [Setting(CEILING, 196, 'raw', 0), Setting(FRAME_JPEG, 196, 'jpeg', 75)]
         return list(dict.fromkeys(out))
 
@@ -151,6 +155,13 @@ def _jobs_for_frame(setting: Setting, crop: np.ndarray, rec: EdgeRecord,
     if setting.method == CEILING:
         idx = np.arange(196)
         return idx, extract_patches(crop, idx), 196 * 768, 0
+    if setting.method == EQUAL_BYTES:
+        sage = _jobs_for_frame(Setting('sage', setting.budget, setting.codec, setting.quality), crop, rec, cfg)
+        frame = encode_frame_within(crop, sage[2])
+        idx = np.arange(196)
+        if frame is None:  # not even the smallest JPEG fits: nothing is sent
+            return np.empty(0, np.int64), np.empty((0, 16, 16, 3), np.uint8), 0, 0
+        return idx, extract_patches(frame.decoded, idx), frame.num_bytes, 0
     if setting.method == FRAME_JPEG:
         ok, buf = cv2.imencode('.jpg', crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, setting.quality])
         frame = cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1]
@@ -294,7 +305,8 @@ def rows(data: SweepData) -> list[dict[str, Any]]:
                 'mean_bytes': float(nbytes.mean()) if srv else 0.0,
                 'max_bytes': int(nbytes.max()) if srv else 0,
                 'coverage_7x7': float(np.mean([r.coverage for r in srv])) if srv else 0.0,
-                'budget_violations': int((patches > s.budget).sum()) if srv else 0,
+                # The equal-bytes frame sends every patch of a smaller JPEG: its bound is bytes.
+                'budget_violations': int((patches > s.budget).sum()) if srv and s.method != EQUAL_BYTES else 0,
                 'truncated': int(sum(r.truncated for r in srv)),
             })
     return out
