@@ -119,7 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     edge, cloud = _params(args)
     cfg = sweep_config(edge, cloud, methods=args.methods, budgets=args.budgets, etas=args.eta, codecs=args.codecs,
                        quality=args.quality, prefilter_ratios=args.prefilter_ratios, limit=args.limit)
-    run_eval(args.bag, cfg, args.out, cache_path=args.cache, progress=not args.no_progress)
+    run_eval(args.bag, cfg, args.out, cache_path=args.cache, progress=not args.no_progress, figures=args.figures)
     return 0
 
 
@@ -272,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--cache', type=Path, default=None, help='cache file (default: OUT/cache.sqlite)')
     ev.add_argument('--limit', type=int, default=0, help='only the first N frames (0: all)')
     ev.add_argument('--no-progress', action='store_true', help='no progress bars')
+    ev.add_argument('--figures', type=int, default=0, metavar='N',
+                    help='PNGs of N offloaded frames with the patches of attention prefix, SAGE and BAT drawn')
     _add_param_args(ev)
     ev.set_defaults(func=_cmd_eval)
     return parser

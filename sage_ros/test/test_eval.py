@@ -176,3 +176,11 @@ def test_eval_cli(bag, tmp_path, capsys):
     assert {r['method'] for r in rows} == {'sage', 'random', 'all_patches', 'frame_jpeg', 'frame_equal_bytes'}
     assert all(r['frames'] == '3' for r in rows)
     assert main(['eval', str(bag), '--methods', 'telepathy', '--out', str(tmp_path)]) == 2
+
+
+def test_figures_draw_prefix_sage_and_bat_on_offloaded_frames(bag, tmp_path):
+    paths = run_eval(bag, config(methods=['sage', 'attention_topk', 'bat'], etas=[1.0], prefilter_ratios=[2.0]),
+                     tmp_path, progress=False, emit=lambda s: None, figures=2)
+    figs = sorted((tmp_path / 'figures').glob('figure_*.png'))
+    assert len(figs) == 2 and all(f.read_bytes()[:4] == b'\x89PNG' for f in figs)
+    assert {p.stem for p in figs} <= set(paths)

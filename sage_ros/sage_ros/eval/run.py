@@ -27,8 +27,9 @@ def sweep_config(edge: dict[str, Any], cloud: dict[str, Any], *, methods: Sequen
 
 
 def run_eval(bag: Path, cfg: SweepConfig, out_dir: Path, *, cache_path: Path | None = None, progress: bool = True,
-             emit: Callable[[str], None] = print) -> dict[str, Path]:
-    """Sweep ``bag`` and write results.csv, results.md and the plots into ``out_dir``."""
+             emit: Callable[[str], None] = print, figures: int = 0) -> dict[str, Path]:
+    """Sweep ``bag`` and write results.csv, results.md and the plots into ``out_dir``; with
+    ``figures``, that many offloaded frames with each method's patches drawn (figures/)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     data = run_sweep(bag, cfg, cache_path=cache_path or out_dir / 'cache.sqlite', progress=progress, emit=emit)
     table = rows(data)
@@ -37,5 +38,10 @@ def run_eval(bag: Path, cfg: SweepConfig, out_dir: Path, *, cache_path: Path | N
     write_markdown(table, data, paths['markdown'])
     for p in write_plots(table, data, out_dir):
         paths[p.stem] = p
+    if figures:
+        from sage_ros.eval.figures import write_figures
+
+        for p in write_figures(data, out_dir / 'figures', figures):
+            paths[p.stem] = p
     emit(f'{len(table)} rows; wall time {data.seconds["total"]:.1f} s; wrote ' + ', '.join(str(p) for p in paths.values()))
     return paths

@@ -243,7 +243,7 @@ def run_sweep(bag: Path, cfg: SweepConfig, *, cache_path: Path, progress: bool =
         seconds['edge'] = time.perf_counter() - t0
         records = {r.idx: r for r in cache.edge(edge_ctx) if r.idx < total or not cfg.limit}
         eta_min = min(cfg.etas)
-        offloaded = {i for i, r in records.items() if _score(r, cfg.gate_metric) >= eta_min}
+        offloaded = {i for i, r in records.items() if record_score(r, cfg.gate_metric) >= eta_min}
         emit(f'{len(records)} frames, {len(offloaded)} offloaded at eta={eta_min:g}; {len(settings)} settings')
         _server_pass(cache, server_ctx, bag, cfg, settings, base, tiny, records, offloaded, progress)
         seconds['total'] = time.perf_counter() - t0
@@ -252,7 +252,8 @@ def run_sweep(bag: Path, cfg: SweepConfig, *, cache_path: Path, progress: bool =
     return SweepData(cfg, settings, edge, server, tiny.weights, base.weights, bag, seconds)
 
 
-def _score(rec: EdgeRecord, metric: str) -> float:
+def record_score(rec: EdgeRecord, metric: str) -> float:
+    """The gate metric of a cached edge record."""
     return {'min_entropy': rec.min_entropy, 'entropy': rec.entropy, 'margin': rec.margin}[metric]
 
 
@@ -272,7 +273,7 @@ def rows(data: SweepData) -> list[dict[str, Any]]:
     truth = np.array([-1 if r.truth is None else r.truth for r in edge])
     labelled = truth >= 0
     edge_correct = np.array([r.label for r in edge]) == truth
-    scores = np.array([_score(r, data.config.gate_metric) for r in edge])
+    scores = np.array([record_score(r, data.config.gate_metric) for r in edge])
     att_h = np.array([attention_entropy(r.attention) for r in edge])
     common = {'edge_weights': data.edge_weights, 'server_weights': data.server_weights, 'frames': n}
     for eta in data.config.etas:
