@@ -210,8 +210,13 @@ def test_both_sides_in_a_namespace_with_ros2cli(ws, ros_env, real_images):
         # Relative camera topic: /robot1/camera/image_raw; one result per frame on /robot1/sage/result.
         one_result_per_frame(real_images[:6], topic='/robot1/camera/image_raw', name='both_client')
 
-        nodes = run(ws, 'ros2 node list --no-daemon --spin-time 2', until='sage_router').stdout.split()
-        assert {'/robot1/sage_edge', '/sage_cloud', '/sage_router'} <= set(nodes), nodes
+        # Discovery: a fresh `ros2` process may see the nodes one by one; ask until all three.
+        want, end = {'/robot1/sage_edge', '/sage_cloud', '/sage_router'}, time.monotonic() + 30
+        while True:
+            nodes = run(ws, 'ros2 node list --no-daemon --spin-time 2', until='sage_router').stdout.split()
+            if want <= set(nodes) or time.monotonic() > end:
+                break
+        assert want <= set(nodes), nodes
         got = run(ws, 'ros2 param get --no-daemon --spin-time 2 /sage_router zenoh_listen', retry_on='Node not found')
         assert f'String value is: {endpoint}' in got.stdout, got.stdout + got.stderr
 
