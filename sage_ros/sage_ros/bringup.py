@@ -40,6 +40,15 @@ def dds_defaults(directory: Path | None = None) -> dict[str, str]:
     return {'FASTDDS_DEFAULT_PROFILES_FILE': str((directory or config_dir()) / FASTDDS_PROFILE)}
 
 
+def isolate_dds(directory: Path | None = None) -> None:
+    """For a run that brings up its own system (demo, benchmarks): a DDS domain of its own
+    and local discovery only, unless the user chose them, and the large-frames profile."""
+    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    for key, value in dds_defaults(directory).items():
+        os.environ.setdefault(key, value)
+
+
 @dataclass
 class Proc:
     name: str

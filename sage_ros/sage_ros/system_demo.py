@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sage_ros.bringup import Bringup, dds_defaults, plan
+from sage_ros.bringup import Bringup, isolate_dds, plan
 from sage_ros.images import LabeledImage, read_rgb
 
 
@@ -41,10 +41,7 @@ def run_system_demo(
     log_path: Path | None = None,
 ) -> dict[str, Any]:
     """Bring up router, cloud and edge; publish each image and print its OffloadResult."""
-    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    for key, value in dds_defaults(directory).items():
-        os.environ.setdefault(key, value)
+    isolate_dds(directory)
     import rclpy
 
     from sage_ros.core.labels import class_name

@@ -21,6 +21,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from sage_ros.bringup import isolate_dds
 from sage_ros.images import list_images, read_rgb
 
 
@@ -50,15 +51,6 @@ def _zenoh(endpoint: str) -> Any:
         'transport: {shared_memory: {enabled: false}}}'))
 
 
-def _env() -> None:
-    from sage_ros.bringup import dds_defaults
-
-    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    for key, value in dds_defaults().items():
-        os.environ.setdefault(key, value)
-
-
 def _images(images_dir: Path, n: int) -> list[np.ndarray]:
     items = list_images(images_dir)
     return [read_rgb(i.path) for i in items[:: max(1, len(items) // n)][:n]]
@@ -69,7 +61,7 @@ def flood_fairness(images_dir: Path, *, seconds: float = 20.0, flood_rps: float 
                    emit: Callable[[str], None] = print) -> dict[str, Any]:
     """Robot 'flood' puts maximum-size requests at ``flood_rps``; robot 'calm', a real edge
     node at ``calm_fps``, offloads every frame at B=``calm_budget``. Returns the figures."""
-    _env()
+    isolate_dds()
     import rclpy
     from rclpy.serialization import deserialize_message, serialize_message
     from sage_ros_msgs.msg import CloudResult, OffloadResult
@@ -158,7 +150,7 @@ def batching(images_dir: Path, *, max_batches: tuple[int, ...] = (1, 4, 8, 16), 
              emit: Callable[[str], None] = print) -> dict[int, float]:
     """Answers per second of the cloud for each ``max_batch``, with ``robots`` virtual robots
     each keeping one request of ``budget`` patches in flight."""
-    _env()
+    isolate_dds()
     from rclpy.serialization import serialize_message
 
     from sage_ros.bringup import Bringup, plan

@@ -343,16 +343,13 @@ def run_pipeline_bench(
     ``cloud_threads`` / ``edge_threads`` are the nodes' torch threads (0: torch's default);
     ``log`` receives the nodes' output (None: discarded).
     """
-    from sage_ros.bringup import Bringup, dds_defaults, plan
+    from sage_ros.bringup import Bringup, isolate_dds, plan
     from sage_ros.params import load_params
     from sage_ros.system_demo import free_port
 
     if rounds < 1 or seconds <= 0 or fps <= 0:
         raise ValueError('rounds must be >= 1, seconds and fps > 0')
-    os.environ.setdefault('ROS_DOMAIN_ID', str(1 + os.getpid() % 100))
-    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
-    for key, value in dds_defaults(directory).items():
-        os.environ.setdefault(key, value)
+    isolate_dds(directory)
     import rclpy
 
     began = time.monotonic()
