@@ -9,6 +9,7 @@ Every command of the README's robot section is one of the templates below and ru
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -82,9 +83,32 @@ def ws(tmp_path_factory):
     share = root / 'install' / 'sage_ros' / 'share' / 'sage_ros'  # colcon's default: isolated
     assert (share / 'launch' / 'edge_cloud.launch.py').is_file() and (share / 'config' / 'sage_ros.yaml').is_file()
     yield root
-    # The README's `ros2 param` / `ros2 topic` commands start the ros2 daemon (of this test
-    # session's ROS_DOMAIN_ID): stop it.
-    subprocess.run(sh(root, 'ros2 daemon stop'), cwd=root, env=ros_env_of(root), capture_output=True, timeout=30)
+
+
+_DOMAINS = itertools.count()
+_domain = {'id': 0}
+
+
+@pytest.fixture
+def ros_domain(ws, ros_env):
+    """A DDS domain of its own for each test, as on a robot: the launch, the `ros2` commands and
+    the test's client (in the context this yields) see each other and nothing else.
+
+    Why: Fast DDS with local discovery announces itself to participant ids 0..31 of a domain
+    only. A session that has started many processes on one domain can give a new launch's nodes
+    ids above 31, which a fresh `ros2 node list` (also above 31) then never discovers."""
+    import rclpy
+
+    _domain['id'] = 1 + (os.getpid() + next(_DOMAINS)) % 100  # conftest's session domain: 101..200
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=_domain['id'])
+    try:
+        yield context
+    finally:
+        rclpy.try_shutdown(context=context)
+        # The README's `ros2 param` / `ros2 topic` commands start the ros2 daemon of this domain.
+        subprocess.run(sh(ws, 'ros2 daemon stop'), cwd=ws, env=ros_env_of(ws), capture_output=True, timeout=30)
+        _domain['id'] = 0
 
 
 def sh(ws: Path, command: str) -> list[str]:
@@ -93,8 +117,9 @@ def sh(ws: Path, command: str) -> list[str]:
 
 
 def ros_env_of(tmp: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED='1', RCUTILS_COLORIZED_OUTPUT='0', ROS_LOG_DIR=str(tmp / 'ros_log'))
-    return env
+    assert _domain['id'], 'a test running ros2 tools takes the ros_domain fixture'
+    return dict(os.environ, PYTHONUNBUFFERED='1', RCUTILS_COLORIZED_OUTPUT='0', ROS_LOG_DIR=str(tmp / 'ros_log'),
+                ROS_DOMAIN_ID=str(_domain['id']))
 
 
 def run(ws: Path, command: str, *, timeout: float = 60, retry_on: str = '', until: str = ''
@@ -154,10 +179,11 @@ def substitute(command: str, **values: str) -> str:
     return re.sub(r'weights:=/ckpt/\S+', 'weights:=random', command)
 
 
-def one_result_per_frame(images, *, topic: str, result_topic: str = '/robot1/sage/result', name: str) -> list:
+def one_result_per_frame(images, context, *, topic: str, result_topic: str = '/robot1/sage/result',
+                         name: str) -> list:
     from sage_ros.live_client import LiveClient
 
-    client = LiveClient(image_topic=topic, result_topic=result_topic, name=name)
+    client = LiveClient(image_topic=topic, result_topic=result_topic, name=name, context=context)
     try:
         assert client.wait_for_edge(timeout=60), f'no edge subscribed to {topic}'
         stamps = []
@@ -177,7 +203,7 @@ def no_traceback(text: str) -> None:
 
 
 # --- the launch file's arguments -----------------------------------------------------------
-def test_show_args_and_argument_errors(ws):
+def test_show_args_and_argument_errors(ws, ros_domain):
     out = run(ws, 'ros2 launch sage_ros edge_cloud.launch.py --show-args')
     assert out.returncode == 0, out.stderr
     for name in ('side', 'namespace', 'params_file', 'camera_topic', 'camera_transport', 'budget', 'budget_mode',
@@ -199,7 +225,7 @@ def test_show_args_and_argument_errors(ws):
 
 
 # --- both sides, one machine ----------------------------------------------------------------
-def test_both_sides_in_a_namespace_with_ros2cli(ws, ros_env, real_images):
+def test_both_sides_in_a_namespace_with_ros2cli(ws, ros_domain, real_images):
     port = free_port()
     endpoint = f'tcp/127.0.0.1:{port}'
     launch = Launch(ws, f'ros2 launch sage_ros edge_cloud.launch.py namespace:=robot1 weights:=random '
@@ -208,7 +234,7 @@ def test_both_sides_in_a_namespace_with_ros2cli(ws, ros_env, real_images):
         launch.wait_for(r'\[robot1\.sage_edge\]: ready:')
         launch.wait_for(r'\[sage_cloud\]: ready:')
         # Relative camera topic: /robot1/camera/image_raw; one result per frame on /robot1/sage/result.
-        one_result_per_frame(real_images[:6], topic='/robot1/camera/image_raw', name='both_client')
+        one_result_per_frame(real_images[:6], ros_domain, topic='/robot1/camera/image_raw', name='both_client')
 
         # Discovery: a fresh `ros2` process may see the nodes one by one; ask until all three.
         want, end = {'/robot1/sage_edge', '/sage_cloud', '/sage_router'}, time.monotonic() + 30
@@ -242,7 +268,7 @@ def test_both_sides_in_a_namespace_with_ros2cli(ws, ros_env, real_images):
         from sage_ros.live_client import LiveClient
 
         client = LiveClient(image_topic='/robot1/camera/image_raw', result_topic='/robot1/sage/result',
-                            name='echo_client')
+                            name='echo_client', context=ros_domain)
         echo_out = ws / 'echo.txt'
         with echo_out.open('w') as fh:
             echo = subprocess.Popen(sh(ws, ECHO), cwd=ws, env=ros_env_of(ws), stdout=fh, text=True,
@@ -281,7 +307,7 @@ def _pid_of(launch: Launch, executable: str) -> int:
 
 
 # --- split sides, as on a robot and a server ------------------------------------------------
-def test_readme_cloud_and_robot_commands_with_ctrl_c(ws, ros_env, real_images):
+def test_readme_cloud_and_robot_commands_with_ctrl_c(ws, ros_domain, real_images):
     port = str(free_port())
     sub = {'tcp/0.0.0.0': 'tcp/127.0.0.1', 'CLOUD_IP': '127.0.0.1', '7447': port}
     cloud = Launch(ws, substitute(CLOUD, **sub), 'cloud')
@@ -290,7 +316,7 @@ def test_readme_cloud_and_robot_commands_with_ctrl_c(ws, ros_env, real_images):
         robot.wait_for(r'\[robot1\.sage_edge\]: ready:')
         cloud.wait_for(r'\[sage_cloud\]: ready:')
         # camera_topic:= remaps the relative camera/image_raw to the driver's topic.
-        one_result_per_frame(real_images[:3], topic='/camera/color/image_raw', name='split_client')
+        one_result_per_frame(real_images[:3], ros_domain, topic='/camera/color/image_raw', name='split_client')
         # Ctrl-C in each terminal: exit 0, no traceback.
         assert robot.interrupt() == 0
         assert cloud.interrupt() == 0
@@ -301,7 +327,7 @@ def test_readme_cloud_and_robot_commands_with_ctrl_c(ws, ros_env, real_images):
         cloud.close()
 
 
-def test_secure_deployment_through_ros2_launch(ws, ros_env, real_images, tmp_path):
+def test_secure_deployment_through_ros2_launch(ws, ros_domain, real_images, tmp_path):
     """`sage-ros certs`, then cloud and robot through `ros2 launch` with mutual TLS. The cloud's
     params_file moves the router to its zenoh_listen and zenoh_config (TLS on a free port)."""
     port = free_port()
@@ -326,7 +352,7 @@ def test_secure_deployment_through_ros2_launch(ws, ros_env, real_images, tmp_pat
         cloud.wait_for(r'\[sage_cloud\]: ready:')
         robot.wait_for(r'\[robot1\.sage_edge\]: ready:')
         # eta 0: every frame is offloaded; answered by the cloud over mutual TLS.
-        results = one_result_per_frame(real_images[:3], topic='/robot1/camera/image_raw', name='tls_client')
+        results = one_result_per_frame(real_images[:3], ros_domain, topic='/robot1/camera/image_raw', name='tls_client')
         assert any(r.source == 1 for r in results), [(r.source, r.detail) for r in results]
         assert all(r.budget_patches == 16 for r in results if r.source == 1)
         got = run(ws, 'ros2 param get --no-daemon --spin-time 2 /sage_router zenoh_config', retry_on='Node not found')
@@ -338,7 +364,7 @@ def test_secure_deployment_through_ros2_launch(ws, ros_env, real_images, tmp_pat
         cloud.close()
 
 
-def test_camera_ros_on_a_pi5_compressed_topic(ws, ros_env, real_images):
+def test_camera_ros_on_a_pi5_compressed_topic(ws, ros_domain, real_images):
     """The README's Pi 5 command: the edge takes camera/image_raw/compressed (camera_ros's
     CompressedImage), no raw frames."""
     from sensor_msgs.msg import CompressedImage
@@ -350,11 +376,11 @@ def test_camera_ros_on_a_pi5_compressed_topic(ws, ros_env, real_images):
     port = str(free_port())
     robot = Launch(ws, substitute(PI5_ROBOT, **{'CLOUD_IP': '127.0.0.1', '7447': port}) + ' weights:=random',
                    'pi5_robot')
-    node = rclpy.node.Node('pi5_camera')
+    node = rclpy.node.Node('pi5_camera', context=ros_domain)
     from sage_ros.live_client import LiveClient
 
     client = LiveClient(image_topic='/robot1/camera/image_raw_unused', result_topic='/robot1/sage/result',
-                        name='pi5_client')
+                        name='pi5_client', context=ros_domain)
     try:
         robot.wait_for(r'\[robot1\.sage_edge\]: ready:')
         pub = node.create_publisher(CompressedImage, '/robot1/camera/image_raw/compressed',
