@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared fixtures: the real ImageNet subset and seeded random-weight models."""
+"""Shared fixtures: the real ImageNet subset, seeded random-weight models, running systems."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +64,52 @@ def tiny():
 @pytest.fixture(scope='session')
 def base():
     return load_vit('deit_base_patch16_224', 'random:0')
+
+
+def wait_uplink(client, timeout: float = 30.0) -> None:
+    """Until the edge's diagnostics say its uplink is up (router and cloud seen)."""
+    end = time.monotonic() + timeout
+    while (client.diagnostics('sage_edge: link') or {}).get('uplink') != 'connected':
+        assert time.monotonic() < end, 'the edge never saw the cloud'
+
+
+@pytest.fixture
+def running_system(ros_env, tmp_path):
+    """``with running_system(name, relay_delay_s=0.0, **overrides) as (bringup, client, endpoint)``:
+    router, cloud and edge (random weights, a free port, the edge behind a
+    :class:`~sage_ros.eval.delay_relay.DelayRelay` of ``relay_delay_s`` each way when > 0), and
+    a LiveClient fed their results, on the default topics. With a relay it waits for the uplink."""
+    from sage_ros.bringup import Bringup, plan
+    from sage_ros.eval.delay_relay import DelayRelay
+    from sage_ros.live_client import LiveClient
+    from sage_ros.system_demo import free_port
+
+    @contextlib.contextmanager
+    def start(name: str, *, relay_delay_s: float = 0.0, **overrides):
+        port = free_port()
+        endpoint = f'tcp/127.0.0.1:{port}'
+        ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, **overrides}
+        relay = DelayRelay(free_port(), '127.0.0.1', port, relay_delay_s) if relay_delay_s else None
+        if relay is not None:
+            relay.start()
+            ov['sage_edge.zenoh_connect'] = relay.endpoint
+        log = (tmp_path / f'{name}.log').open('w')
+        bring = Bringup(plan('both', overrides=ov), log=log)
+        client = None
+        try:
+            bring.start()
+            bring.wait_ready(timeout=120)
+            client = LiveClient(name=name)
+            assert client.wait_for_edge()
+            if relay is not None:
+                wait_uplink(client)
+            yield bring, client, endpoint
+        finally:
+            if client is not None:
+                client.destroy_node()
+            bring.stop()
+            if relay is not None:
+                relay.stop()
+            log.close()
+
+    return start

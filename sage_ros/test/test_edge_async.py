@@ -6,7 +6,6 @@ happens to the cloud and the router."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import signal
 import time
@@ -41,27 +40,6 @@ def _edge_link(client: LiveClient, status: str = 'link') -> dict[str, str]:
     found = client.diagnostics(f'sage_edge: {status}')
     assert found is not None, f'no {status} diagnostics from the edge'
     return found
-
-
-@contextlib.contextmanager
-def _system(tmp_path, name: str, **overrides):
-    """Router, cloud and edge on a free port with ``overrides``, and a client fed their results."""
-    endpoint = f'tcp/127.0.0.1:{free_port()}'
-    ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, **overrides}
-    log = (tmp_path / 'nodes.log').open('w')
-    bring = Bringup(plan('both', overrides=ov), log=log)
-    client = None
-    try:
-        bring.start()
-        bring.wait_ready(timeout=120)
-        client = LiveClient(name=name)
-        assert client.wait_for_edge()
-        yield bring, client
-    finally:
-        if client is not None:
-            client.destroy_node()
-        bring.stop()
-        log.close()
 
 
 def test_edge_boots_without_a_router_answers_at_once_and_offloads_when_one_appears(ros_env, images, tmp_path):
@@ -119,11 +97,11 @@ def test_edge_boots_without_a_router_answers_at_once_and_offloads_when_one_appea
     assert 'Traceback' not in (tmp_path / 'nodes.log').read_text()
 
 
-def test_every_handled_frame_gets_one_result_through_cloud_and_router_kills(ros_env, images, tmp_path):
+def test_every_handled_frame_gets_one_result_through_cloud_and_router_kills(running_system, images):
     """A 10 fps camera with requests in flight while the cloud and then the router are killed
     (SIGKILL) and restarted: results and handled frames match one to one."""
-    with _system(tmp_path, 'kill_client', deadline_ms=1500.0, max_in_flight=4, budget_mode='fixed',
-                 budget=16) as (bring, client):
+    with running_system('kill_client', deadline_ms=1500.0, max_in_flight=4, budget_mode='fixed',
+                        budget=16) as (bring, client, _):
         edge_pid = next(p.popen.pid for p in bring.procs if p.name == 'edge')
         published: list[int] = []
 
@@ -162,11 +140,11 @@ def test_every_handled_frame_gets_one_result_through_cloud_and_router_kills(ros_
     assert stats['processed'] + stats['dropped'] + stats['rejected'] + stats['stale'] == stats['received'], stats
 
 
-def test_a_stalled_edge_does_not_suspend_offloading(ros_env, images, tmp_path):
+def test_a_stalled_edge_does_not_suspend_offloading(running_system, images):
     """One frame that takes far longer than the deadline (here: the whole process stopped for
     3 s, like a CPU stall) must not switch offloading off; the next frames offload again."""
-    with _system(tmp_path, 'stall_client', deadline_ms=1200.0, budget_mode='auto',
-                 probe_interval_s=0.5) as (bring, client):
+    with running_system('stall_client', deadline_ms=1200.0, budget_mode='auto',
+                        probe_interval_s=0.5) as (bring, client, _):
         for rgb in images[:3]:
             assert client.classify(rgb, timeout=10).source == CLOUD
         edge = next(p.popen for p in bring.procs if p.name == 'edge')

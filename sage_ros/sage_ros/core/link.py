@@ -221,6 +221,8 @@ class Request:
     """Edge clock: when its answer was predicted to arrive (nan: no estimate yet)."""
     lost: bool = False
     """The connection that carried it went down: it no longer holds the link."""
+    tokens: int = 0
+    """Patches the cloud classifies for it: ``patches``, or the union of both rounds for a second round."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,8 @@ class LinkSnapshot:
     max_in_flight: int
     queued_bytes: float
     edge_s: float
+    second_rounds: int = 0
+    """Second rounds sent (each is traffic like any request)."""
 
 
 class UplinkMonitor:
@@ -297,6 +301,7 @@ class UplinkMonitor:
         self.answered_count = 0
         self.deadline_misses = 0
         self.probes = 0
+        self.second_rounds = 0
 
     # --- state --------------------------------------------------------------------------
     @property
@@ -380,7 +385,7 @@ class UplinkMonitor:
                 deadline_s=c.deadline_s, answered=self.answered_count, deadline_misses=self.deadline_misses,
                 probes=self.probes, in_flight=self.in_flight, waiting=sum(r.waiting for r in self._sent.values()),
                 max_in_flight=self.max_in_flight,
-                queued_bytes=self._queued_bytes(now), edge_s=self.edge_s)
+                queued_bytes=self._queued_bytes(now), edge_s=self.edge_s, second_rounds=self.second_rounds)
 
     # --- frames and requests ------------------------------------------------------------
     def note_frame(self, edge_s: float) -> None:
@@ -411,7 +416,7 @@ class UplinkMonitor:
                 # what the link carries, or a burst at budget_max could miss every deadline.
                 return Admission(0, 'uplink busy: measuring the link', 'uplink_busy')
             now = self._clock()
-            due = arrival + c.safety * c.deadline_s - self._plan_margin(now)
+            due = self._due(arrival, now)
             for b in range(c.budget, c.budget_min - 1, -1):
                 if self._predict(now, b)[1] <= due:
                     return Admission(b)
@@ -422,17 +427,53 @@ class UplinkMonitor:
         return min(max(recent, default=0.0), 0.5 * self.controller.safety * self.controller.deadline_s) \
             if recent and max(recent) > 0 else 0.0
 
-    def _predict(self, now: float, patches: int) -> tuple[float, float]:
-        """(wait behind our own requests, answer time) of a request of ``patches`` sent now."""
+    def _predict(self, now: float, patches: int, tokens: int = 0) -> tuple[float, float]:
+        """(wait behind our own requests, answer time) of a request of ``patches`` sent now
+        (the cloud classifying ``tokens`` patches, ``patches`` when 0)."""
         if self.link.throughput_bps <= 0:
             return 0.0, now  # nothing known yet: send, and learn from the answer
         half_rtt = self.link.base_rtt_s / 2
         upload_start = max(now, self._link_free_at)
         at_cloud = upload_start + self.controller.request_bytes(patches) / self.link.throughput_bps + half_rtt
         compute_start = max(at_cloud, self._cloud_free_at)
-        done = compute_start + self.link.server_time_s(patches) + half_rtt
+        done = compute_start + self.link.server_time_s(tokens or patches) + half_rtt
         wait = (upload_start - now) + (compute_start - at_cloud)
         return wait, done
+
+    def _due(self, arrival: float, now: float) -> float:
+        c = self.controller
+        return arrival + c.safety * c.deadline_s - self._plan_margin(now)
+
+    def second_round_offer(self, *, arrival: float, patches: int, total_max: int) -> tuple[int, float]:
+        """(patches, seconds): the most patches a second round of the frame that arrived at
+        ``arrival`` could add, its round 1 of ``patches`` being sent now, and that round's
+        predicted duration; (0, 0.0) when none would meet the deadline (or nothing is measured).
+
+        Round 2 follows round 1's answer: upload of the new patches, the cloud on the union,
+        the answer back. Both rounds together stay within ``total_max`` patches.
+        """
+        with self._lock:
+            if self.link.throughput_bps <= 0:
+                return 0, 0.0
+            now = self._clock()
+            after = self._predict(now, patches)[1]
+            due = self._due(arrival, now)
+            for k in range(total_max - patches, 0, -1):
+                took = (self.controller.request_bytes(k) / self.link.throughput_bps + self.link.base_rtt_s
+                        + self.link.server_time_s(patches + k))
+                if after + took <= due:
+                    return k, took
+            return 0, 0.0
+
+    def second_round_fits(self, *, arrival: float, patches: int, tokens: int) -> bool:
+        """Would a second round of ``patches`` (the cloud then classifying ``tokens``), sent
+        now behind our own traffic, be answered within the deadline of the frame that arrived
+        at ``arrival``?"""
+        with self._lock:
+            if self.link.throughput_bps <= 0:
+                return False
+            now = self._clock()
+            return self._predict(now, patches, tokens)[1] <= self._due(arrival, now)
 
     def _queued_bytes(self, now: float) -> float:
         if self.link.throughput_bps <= 0 or self._link_free_at <= now:
@@ -440,11 +481,13 @@ class UplinkMonitor:
         return (self._link_free_at - now) * self.link.throughput_bps
 
     def sent(self, request_id: str, *, request_bytes: int, patches: int, payload_bytes: int,
-             edge_s: float = 0.0, deadline: float = math.inf, context: Any = None) -> None:
+             edge_s: float = 0.0, deadline: float = math.inf, context: Any = None, tokens: int = 0) -> None:
         """A request (or a probe, with patches=0) left now.
 
         ``edge_s`` feeds the edge-time estimate when the caller does not call
-        :meth:`note_frame`; ``deadline`` (edge clock) is when its frame falls back.
+        :meth:`note_frame`; ``deadline`` (edge clock) is when its frame falls back. A second
+        round (same id as its round 1, answered by now) gives ``tokens``, the patches of both
+        rounds the cloud will classify: it is traffic like any request, and counted.
         """
         with self._lock:
             now = self._clock()
@@ -455,14 +498,16 @@ class UplinkMonitor:
                 self.controller.learn_payload(patches, payload_bytes)
                 # Book the request into the virtual queues (the prediction uses them).
                 if self.link.throughput_bps > 0:
-                    queue_s, due = self._predict(now, patches)
+                    queue_s, due = self._predict(now, patches, tokens)
                     half_rtt = self.link.base_rtt_s / 2
                     self._link_free_at = max(now, self._link_free_at) + request_bytes / self.link.throughput_bps
                     self._cloud_free_at = max(self._link_free_at + half_rtt, self._cloud_free_at) \
-                        + self.link.server_time_s(patches)
+                        + self.link.server_time_s(tokens or patches)
+            if tokens:
+                self.second_rounds += 1
             # A probe has no frame waiting for it.
             self._sent[request_id] = Request(request_id, now, request_bytes, patches, payload_bytes,
-                                             deadline, context, patches > 0, queue_s, due)
+                                             deadline, context, patches > 0, queue_s, due, tokens=tokens or patches)
             self._evict()
 
     def _evict(self) -> None:
@@ -498,7 +543,9 @@ class UplinkMonitor:
             # cloud's time and a round trip.
             start = max(r.t, self._link_free_seen)
             self._link_free_seen = max(self._link_free_seen, now - max(0.0, server_s) - self.link.base_rtt_s)
-            ex = Exchange(r.request_bytes, r.patches, r.payload_bytes, now - start, server_s, compute_s)
+            # The cloud's time grows with the patches it classified: the union, for a second round.
+            ex = Exchange(r.request_bytes, r.tokens if r.patches > 0 else 0, r.payload_bytes, now - start, server_s,
+                          compute_s)
             self.answered_count += 1
             self._learn(ex)
             if not math.isnan(r.due) and r.patches > 0:
@@ -524,11 +571,16 @@ class UplinkMonitor:
 
     def _miss(self, r: Request) -> None:
         self.deadline_misses += 1
+        if r.lost:
+            # Its connection went down (router or cloud gone, e.g. a restart between two
+            # rounds): that says nothing about the link's speed, and the uplink state already
+            # stops offloading until the cloud is back.
+            return
         if r.queue_s <= 0:
             # Alone on the link, its wait bounds the link's speed. Behind our own requests the
             # wait mixes in a queue we only predicted: leave it to the (late) answer to measure.
             waited = max(1e-3, self._clock() - r.t)
-            self._learn(Exchange(r.request_bytes, 0, r.payload_bytes, waited, self.link.server_time_s(r.patches)))
+            self._learn(Exchange(r.request_bytes, 0, r.payload_bytes, waited, self.link.server_time_s(r.tokens)))
         self.controller.back_off()
 
     def expire(self) -> list[Request]:
@@ -561,7 +613,7 @@ class UplinkMonitor:
             return  # not even past its deadline: no evidence yet
         # Everything of ours before it was answered: its upload began when the last of those
         # had left, or when it was sent.
-        upload = now - max(r.t, self._link_free_seen) - self.link.base_rtt_s - self.link.server_time_s(r.patches)
+        upload = now - max(r.t, self._link_free_seen) - self.link.base_rtt_s - self.link.server_time_s(r.tokens)
         if upload <= 0:
             return
         bound = r.request_bytes / upload

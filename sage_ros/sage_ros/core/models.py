@@ -148,15 +148,20 @@ class EdgeOutput:
         return idx, self.probs[idx]
 
 
-def _last_block_with_attention(block: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Block.forward`` written out, returning the attention weights too (eval mode)."""
+def _last_block_with_attention(block: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm ``Block.forward`` written out, returning the attention weights too (eval mode);
+    ``attn_mask`` is added to the attention logits, as timm's ``Attention`` does."""
     attn_mod = block.attn
     h = block.norm1(x)
     b, n, _ = h.shape
     qkv = attn_mod.qkv(h).reshape(b, n, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-    weights = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    logits = (q * attn_mod.scale) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        logits = logits + attn_mask
+    weights = logits.softmax(dim=-1)
     out = (weights @ v).transpose(1, 2).reshape(b, n, attn_mod.attn_dim)
     out = attn_mod.norm(out)
     if getattr(attn_mod, 'gate', None) is not None:
@@ -196,7 +201,8 @@ def edge_forward(
 
 @torch.inference_mode()
 def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.Tensor,
-                          valid: torch.Tensor | None = None) -> torch.Tensor:
+                          valid: torch.Tensor | None = None, *, return_attention: bool = False
+                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Logits of the model run on the given patches only.
 
     ``patches`` are normalised pixels, (M, 3, P, P) or (B, M, 3, P, P); ``indices`` their
@@ -207,6 +213,9 @@ def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.T
     ``valid`` (B, M) bool batches requests of different sizes: each is padded to M, and the
     padding is masked out of every attention as a key, so no real token ever sees it (the
     classifier reads the CLS token): each row's logits equal its own unpadded forward.
+
+    ``return_attention`` also returns the last layer's CLS-to-token attention averaged over
+    heads, (M,) or (B, M) in the order of ``indices`` (0 on padding): what the server looked at.
     """
     m = vit.model
     single = patches.ndim == 4
@@ -236,14 +245,19 @@ def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.T
             pre = pre + pos[:, :p]
         tok = torch.cat([pre, tok], dim=1)
     x = m.norm_pre(tok)
-    if valid is None:
-        x = m.blocks(x)
-    else:
+    mask = None
+    if valid is not None:
         keep = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), valid.to(device, torch.bool)], dim=1)
         mask = torch.zeros(b, 1, 1, keep.shape[1], device=device, dtype=x.dtype)
         mask.masked_fill_(~keep[:, None, None, :], float('-inf'))
-        for blk in m.blocks:
-            x = blk(x, attn_mask=mask)
+    for blk in (m.blocks[:-1] if return_attention else m.blocks):
+        x = blk(x) if mask is None else blk(x, attn_mask=mask)
+    attention = None
+    if return_attention:
+        x, weights = _last_block_with_attention(m.blocks[-1], x, mask)
+        attention = weights[:, :, 0, p:].mean(dim=1)
     x = m.norm(x)
     logits = m.forward_head(x)
-    return logits[0] if single else logits
+    if not return_attention:
+        return logits[0] if single else logits
+    return (logits[0], attention[0]) if single else (logits, attention)

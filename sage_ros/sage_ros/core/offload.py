@@ -132,6 +132,13 @@ def classify_batch(vit: VitModel, requests: list[tuple[np.ndarray, np.ndarray]])
     """The server's softmax for several requests in one forward: ``requests`` are (decoded
     (M_i, P, P, 3) uint8 patches, grid indices (M_i,)). Different M_i are padded to the largest
     and masked (see :func:`server_forward_subset`); returns (len(requests), classes)."""
+    return classify_batch_attended(vit, requests, attention=False)[0]
+
+
+def classify_batch_attended(vit: VitModel, requests: list[tuple[np.ndarray, np.ndarray]], *,
+                            attention: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    """:func:`classify_batch`, and each request's last-layer CLS attention over its own
+    tokens, (M_i,) in the order of its indices (empty arrays when ``attention`` is False)."""
     n = max(int(np.asarray(idx).size) for _, idx in requests)
     b, p = len(requests), vit.patch_size
     patches = np.zeros((b, n, p, p, 3), np.uint8)
@@ -141,8 +148,14 @@ def classify_batch(vit: VitModel, requests: list[tuple[np.ndarray, np.ndarray]])
         m = int(np.asarray(idx).size)
         patches[i, :m], indices[i, :m], valid[i, :m] = pt, idx, True
     x = normalize(patches.reshape(b * n, p, p, 3), vit.mean, vit.std).reshape(b, n, 3, p, p)
-    logits = server_forward_subset(vit, x, torch.from_numpy(indices), torch.from_numpy(valid))
-    return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+    if not attention:
+        logits = server_forward_subset(vit, x, torch.from_numpy(indices), torch.from_numpy(valid))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy(), [np.empty(0, np.float32)] * b
+    logits, att = server_forward_subset(vit, x, torch.from_numpy(indices), torch.from_numpy(valid),
+                                        return_attention=True)
+    att_np = att.float().cpu().numpy()
+    rows = [att_np[i, : int(valid[i].sum())] for i in range(b)]
+    return torch.softmax(logits.float(), dim=-1).cpu().numpy(), rows
 
 
 def size_groups(token_counts: list[int], *, pad_limit: float = 2.0) -> list[list[int]]:

@@ -5,6 +5,10 @@ Over Zenoh one cloud node serves every robot: it subscribes ``**/<patch_set_topi
 answers each request on the same robot prefix + ``<cloud_result_topic>``. The robot is the
 key's prefix (what the router's ACL vouches for), never a field of the untrusted payload.
 
+A request the server is unsure about (its own uncertainty at or above ``eta_cloud``) may
+take a second round: the answer asks for more patches (STATUS_MORE, with the round-1 answer)
+and the round-1 tokens wait, bounded, for the robot's round 2; the union is classified.
+
 Intake only queues: each robot has a bounded queue of its own, served in turn, so a robot that
 floods sheds its own requests (answered BUSY after reading just their ids) and the others keep
 their share. A worker takes batches of up to ``max_batch`` requests, validates and decodes
@@ -25,9 +29,11 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import serialize_message
 from sage_ros_msgs.msg import CloudResult, PatchSet
 
+from sage_ros.core.gate import GATE_METRICS, gate_score
 from sage_ros.core.labels import class_name
 from sage_ros.core.offload import size_groups
 from sage_ros.core.request import RequestLimits
+from sage_ros.core.rounds import RoundOneStore, cloud_roi
 from sage_ros.core.scheduler import FairScheduler
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
@@ -64,11 +70,19 @@ SPECS = {
     'max_budget': Spec('largest request accepted, patches', int_range=(1, 196)),
     'max_payload_bytes': Spec('largest payload accepted, bytes', int_range=(1, 100_000_000)),
     'topk': Spec('classes in each answer', int_range=(1, 1000)),
+    'gate_metric': Spec('uncertainty metric of the cloud\'s own answer', choices=tuple(GATE_METRICS)),
+    'eta_cloud': Spec('ask for a second round when the uncertainty >= eta_cloud', float_range=(0.0, 1000.0)),
+    'second_round_k': Spec('patches a second round asks for (0 = never ask)', int_range=(0, 196)),
+    'roi_count': Spec('most attended patches named in a request for more', int_range=(1, 196)),
+    'round_one_max': Spec('requests whose round-1 tokens are kept at most', int_range=(1, 100_000)),
+    'round_one_ttl_s': Spec('round-1 tokens kept at most this long, s', float_range=(0.01, 600.0)),
 }
 
 
 @dataclass
 class _Request:
+    robot: str
+    """The sender, from the key the router vouches for (never from the payload)."""
     data: bytes
     reply: Callable[[bytes], None]
     received_ns: int
@@ -91,7 +105,12 @@ class CloudNode(Node):
                                       f'({self._backend.weights}): labels are meaningless')
         self._limits = self._request_limits()
         class_name(0)  # the class table now, not inside the first request's deadline
-        self.stats = Counters(('received', 'answered', 'rejected', 'shed', 'errors', 'probes', 'batches'))
+        # more_asked: round-1 answers asking for a second round; second_rounds: unions answered;
+        # second_round_rejected: round-2 requests refused (unknown, expired or another robot's
+        # id, bad indices), also counted in rejected.
+        self.stats = Counters(('received', 'answered', 'rejected', 'shed', 'errors', 'probes', 'batches',
+                               'more_asked', 'second_rounds', 'second_round_rejected'))
+        self._round_one = RoundOneStore(p['round_one_max'], p['round_one_ttl_s'])
         self._scheduler: FairScheduler[_Request] = FairScheduler(max_queue=p['max_queue'],
                                                                   per_robot=p['max_queue_per_robot'])
         self._running = True
@@ -120,7 +139,9 @@ class CloudNode(Node):
             robot = self.get_namespace().strip('/')
             self.create_subscription(PatchSet, p['patch_set_topic'],
                                      lambda data: self._enqueue(robot, data, pub.publish), reliable, raw=True)
-        CounterDiagnostics(self, lambda: {**self.stats.snapshot(), 'queued': len(self._scheduler)},
+        CounterDiagnostics(self, lambda: {**self.stats.snapshot(), 'queued': len(self._scheduler),
+                                          'round_one_kept': len(self._round_one),
+                                          'round_one_evicted': self._round_one.evicted},
                            hardware_id='cloud', warn_on=('rejected', 'shed', 'errors'), extra=self._robots_status)
         self._worker = threading.Thread(target=self._work, name='sage_cloud_worker', daemon=True)
         self._worker.start()
@@ -144,6 +165,7 @@ class CloudNode(Node):
         self._params = p = {**self._params, **{q.name: q.value for q in params}}
         self._limits = self._request_limits()
         self._scheduler.configure(max_queue=p['max_queue'], per_robot=p['max_queue_per_robot'])
+        self._round_one.configure(max_entries=p['round_one_max'], ttl_s=p['round_one_ttl_s'])
 
     def _request_limits(self) -> RequestLimits:
         p, vit = self._params, getattr(self._backend, 'vit', None)
@@ -165,7 +187,7 @@ class CloudNode(Node):
     # --- intake ---------------------------------------------------------------------------
     def _enqueue(self, robot: str, data: bytes, reply: Callable[[bytes], None]) -> None:
         self.stats.add('received')
-        for shed in self._scheduler.offer(robot, _Request(bytes(data), reply, time.time_ns())):
+        for shed in self._scheduler.offer(robot, _Request(robot, bytes(data), reply, time.time_ns())):
             self.stats.add('shed')
             # Read only the id: the intake must stay cheap during the overload it handles.
             rid = peek_request_id(shed.data)
@@ -192,6 +214,8 @@ class CloudNode(Node):
     # --- one batch --------------------------------------------------------------------------
     def _reject(self, req: _Request, why: str, msg: Any = None) -> None:
         self.stats.add('rejected')
+        if msg is not None and int(msg.round) == 2:
+            self.stats.add('second_round_rejected')
         rid = msg.request_id if msg is not None else '?'
         self.get_logger().warning(f'rejected request {rid} ({len(req.data)} B): {why}', throttle_duration_sec=2.0)
         if msg is not None:
@@ -212,6 +236,17 @@ class CloudNode(Node):
                 self.stats.add('probes')
                 self._send(req, self._answer(req, msg, CloudResult.STATUS_PROBE, 'probe'))
                 continue
+            if int(msg.round) == 2:
+                # The union with round 1's tokens, which only the robot that sent round 1 may extend.
+                state, why = self._round_one.take(str(msg.request_id), req.robot, indices)
+                if state is None:
+                    self._reject(req, why, msg)
+                    continue
+                indices = np.concatenate([state.indices, indices])
+                patches = np.concatenate([state.patches, patches])
+            elif int(msg.round) > 2:
+                self._reject(req, f'round {msg.round}: only rounds 1 and 2 exist', msg)
+                continue
             valid.append((req, msg, indices, patches))
         # One forward per group of similar sizes, smallest first, each answered at once: a
         # small request never waits for, or pays the padding of, a big one in its batch.
@@ -220,22 +255,50 @@ class CloudNode(Node):
 
     def _serve(self, valid: list[tuple[_Request, Any, np.ndarray, np.ndarray]]) -> None:
         p = self._params
-        probs = self._backend.classify([(patches, indices) for _, _, indices, patches in valid])
+        probs, attention = self._backend.classify_attended([(patches, indices) for _, _, indices, patches in valid])
         self.stats.add('batches')
-        for (req, msg, indices, _), row in zip(valid, probs):
+        for (req, msg, indices, patches), row, att in zip(valid, probs, attention):
             if not np.isfinite(row).all():  # the backend lost it (a Ray replica died twice)
                 self.stats.add('errors')
                 self._send(req, self._answer(req, msg, CloudResult.STATUS_ERROR, 'server model unavailable'))
                 continue
             top = np.argsort(-row, kind='stable')[: p['topk']]
-            answer = self._answer(req, msg, CloudResult.STATUS_OK, '')
+            uncertainty = gate_score(row, p['gate_metric'])
+            more = self._more_patches(req, msg, indices, uncertainty)
+            answer = self._answer(req, msg, CloudResult.STATUS_MORE if more else CloudResult.STATUS_OK, '')
             answer.labels = top.astype(np.int32)
             answer.label_names = [class_name(int(i)) for i in top]
             answer.scores = row[top].astype(np.float32)
             answer.patches_received = int(indices.size)
             answer.bytes_received = len(msg.payload)
+            answer.round = 2 if int(msg.round) == 2 else 1
+            answer.uncertainty = float(uncertainty)
+            if more:
+                answer.more_patches = more
+                answer.roi_indices = cloud_roi(att, indices, p['roi_count']).astype(np.uint16)
+                # Kept until round 2 comes or the robot's deadline passes, whichever is first.
+                left_s = (float(msg.deadline_left_ms) * 1e6 - (time.time_ns() - req.received_ns)) / 1e9
+                self._round_one.put(str(msg.request_id), req.robot, patches, indices, more, ttl_s=max(0.01, left_s))
+                self.stats.add('more_asked')
+            elif answer.round == 2:
+                self.stats.add('second_rounds')
             self._send(req, answer)
             self.stats.add('answered')
+
+    def _more_patches(self, req: _Request, msg: Any, indices: np.ndarray, uncertainty: float) -> int:
+        """Patches to ask for in a second round; 0 = answer now. Only round 1 of a request
+        that offers one, when unsure, and when the deadline the robot stated leaves time."""
+        p = self._params
+        if int(msg.round) == 2 or p['second_round_k'] == 0 or uncertainty < p['eta_cloud']:
+            return 0
+        more = min(p['second_round_k'], int(msg.second_round_max), p['max_budget'] - int(indices.size))
+        spent_ms = (time.time_ns() - req.received_ns) / 1e6
+        # Round 2 arrives about second_round_ms from now: within the robot's deadline, and
+        # while its round-1 tokens are still kept.
+        took_ms = float(msg.second_round_ms)
+        if more <= 0 or spent_ms + took_ms > float(msg.deadline_left_ms) or took_ms > p['round_one_ttl_s'] * 1e3:
+            return 0
+        return more
 
     def _answer(self, req: _Request, msg: Any, status: int, detail: str, *, request_id: str = '') -> CloudResult:
         answer = CloudResult(status=status, detail=detail, server_model=self._backend.name,

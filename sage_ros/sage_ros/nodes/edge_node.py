@@ -35,13 +35,14 @@ from sage_ros_msgs.msg import BudgetStatus, CloudResult, OffloadResult, PatchSet
 from sensor_msgs.msg import CompressedImage, Image
 
 from sage_ros.core import Budget, SageError, load_vit
-from sage_ros.core.codec import ENCODINGS
+from sage_ros.core.codec import ENCODINGS, encode_within_budget, extract_patches
 from sage_ros.core.gate import GATE_METRICS
 from sage_ros.core.labels import class_name
 from sage_ros.core.link import LinkSnapshot
 from sage_ros.core.offload import OffloadPlan, check_byte_budget
 from sage_ros.core.pipeline import EdgePipeline, FrameDecision
 from sage_ros.core.preprocess import CropMap
+from sage_ros.core.rounds import SECOND_ROUND_MODES, select_second_round
 from sage_ros.core.selection import METHODS
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
@@ -93,6 +94,8 @@ SPECS = {
     'codec': Spec('patch codec', choices=ENCODINGS),
     'jpeg_quality': Spec('JPEG quality', int_range=(1, 100)),
     'topk': Spec('edge top-k classes sent with a request', int_range=(1, 1000)),
+    'second_round': Spec('patches a second round adds: continue (SAGE), roi (around the cloud\'s attention), off',
+                         choices=SECOND_ROUND_MODES),
 }
 
 
@@ -110,6 +113,13 @@ class _Offload:
 
     result: OffloadResult
     frame: _Frame
+    decision: FrameDecision | None = None
+    """The edge's view of the frame, for picking a second round's patches."""
+    sent: np.ndarray | None = None
+    """Patch indices of round 1."""
+    first: Any = None
+    """The cloud's round-1 answer once it asked for more (STATUS_MORE): the final answer if
+    round 2 does not come through."""
 
 
 def _stamp_s(t: Any) -> float:
@@ -289,7 +299,8 @@ class EdgeNode(Node):
                   'throughput_kbit_s': f'{snap.throughput_bps * 8 / 1e3:.1f}',
                   'base_rtt_ms': f'{snap.base_rtt_s * 1e3:.1f}', 'edge_ms': f'{snap.edge_s * 1e3:.1f}',
                   'bytes_per_patch': f'{snap.bytes_per_patch:.0f}', 'answered': snap.answered,
-                  'deadline_misses': snap.deadline_misses, 'probes': snap.probes, 'suspended': snap.suspended}
+                  'deadline_misses': snap.deadline_misses, 'probes': snap.probes, 'suspended': snap.suspended,
+                  'second_rounds': snap.second_rounds}
         return DiagnosticStatus(level=level, name=f'{self.get_fully_qualified_name()}: link', message=text,
                                 hardware_id=self._robot_id or 'robot',
                                 values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
@@ -364,17 +375,85 @@ class EdgeNode(Node):
                                        throttle_duration_sec=5.0)
             return
         job: _Offload = request.context
+        if answer.status == CloudResult.STATUS_MORE and len(answer.labels) and job.first is None:
+            job.first = answer
+            why = self._second_round(job, answer)
+            if why:
+                self._finish_cloud(job, answer, f'no second round: {why}')
+            return
         if answer.status != CloudResult.STATUS_OK or not len(answer.labels):
             status = {CloudResult.STATUS_BUSY: 'busy', CloudResult.STATUS_REJECTED: 'rejected'}.get(
                 answer.status, 'error')
-            self._fallback(job.result, job.frame, f'cloud {status}: {answer.detail}'.rstrip(': '))
+            self._give_up(job, f'cloud {status}: {answer.detail}'.rstrip(': '))
             return
+        self._finish_cloud(job, answer, '')
+
+    def _finish_cloud(self, job: _Offload, answer: Any, detail: str) -> None:
+        """The frame's final result from a cloud answer (round 1's or the union's)."""
         result = job.result
         result.source = OffloadResult.SOURCE_CLOUD
         result.label = int(answer.labels[0])
         result.confidence = float(answer.scores[0]) if len(answer.scores) else 0.0
         result.random_weights = result.random_weights or str(answer.server_weights).startswith('random')
+        result.rounds = 2 if int(answer.round) == 2 else 1
+        result.cloud_uncertainty = float(answer.uncertainty)
+        result.detail = detail
         self._publish(result, job.frame)
+
+    def _give_up(self, job: _Offload, why: str) -> None:
+        """No usable answer came: round 1's cloud answer if the cloud gave one, else the edge's."""
+        if job.first is not None:
+            self._finish_cloud(job, job.first, f'second round failed ({why}): round-1 answer')
+        else:
+            self._fallback(job.result, job.frame, why)
+
+    def _second_round(self, job: _Offload, ask: Any) -> str:
+        """Send the patches the cloud asked for; returns why not ('' when sent)."""
+        p = self._params
+        if p['second_round'] == 'off':
+            return 'second_round is off'
+        if not self._monitor.connected:
+            return 'no uplink'
+        decision, sent = job.decision, job.sent
+        k = min(int(ask.more_patches), p['budget_max'] - int(sent.size))
+        if k <= 0:
+            return 'budget_max reached'
+        try:
+            new = select_second_round(p['second_round'], attention=decision.edge.attention,
+                                      embeddings=decision.edge.embeddings, sent=sent, k=k,
+                                      roi=np.asarray(ask.roi_indices, dtype=np.int64),
+                                      prefilter_ratio=p['prefilter_ratio'], grid=self._pipeline.vit.grid[1])
+            if new.size == 0:
+                return 'no patch left to add'
+            # Asked for now, so planned now: behind whatever we have sent since round 1.
+            if not self._monitor.second_round_fits(arrival=job.frame.received, patches=int(new.size),
+                                                   tokens=int(sent.size + new.size)):
+                return 'it would miss the deadline'
+            payload, kept = encode_within_budget(extract_patches(decision.crop, new), p['codec'],
+                                                 quality=p['jpeg_quality'], max_bytes=p['byte_budget'])
+        except SageError as exc:
+            return f'selection failed: {exc}'
+        new = new[:kept]
+        plan = OffloadPlan(indices=new, payload=payload, encoding=p['codec'],
+                           quality=p['jpeg_quality'] if p['codec'] == 'jpeg' else 0, truncated_by_method=0,
+                           dropped_for_bytes=int(k - kept), coverage_7x7=0.0)
+        result = job.result
+        msg = self._patch_set(result, job.frame, decision, plan, p)
+        msg.round, msg.budget_patches = 2, int(sent.size + new.size)
+        data = serialize_message(msg)
+        result.patches_sent += int(new.size)
+        result.bytes_sent += len(payload)
+        result.second_round_patches, result.second_round_bytes = int(new.size), len(payload)
+        self._monitor.sent(result.request_id, request_bytes=len(data), patches=int(new.size),
+                           payload_bytes=len(payload), deadline=job.frame.received + p['deadline_ms'] / 1e3,
+                           context=job, tokens=int(sent.size + new.size))
+        self._deadline_wake.set()
+        try:
+            self._uplink.send(data)
+        except Exception as exc:  # the frame still gets its answer: round 1's
+            if self._monitor.cancel(result.request_id) is not None:
+                self._give_up(job, f'send failed: {exc}')
+        return ''
 
     # --- work ---------------------------------------------------------------------------
     def _work(self) -> None:
@@ -395,8 +474,7 @@ class EdgeNode(Node):
         while self._running:
             for request in self._monitor.expire():
                 self.stats.add('timeouts')
-                job: _Offload = request.context
-                self._fallback(job.result, job.frame, 'timeout')
+                self._give_up(request.context, 'timeout')
             wait = self._monitor.next_deadline() - time.monotonic()
             self._deadline_wake.wait(min(0.1, max(0.001, wait)))
             self._deadline_wake.clear()
@@ -450,10 +528,19 @@ class EdgeNode(Node):
             return
         self._publish_debug(rgb, decision.crop_map, plan.indices, frame.header)
         result.patches_sent, result.bytes_sent = int(plan.indices.size), plan.num_bytes
-        data = serialize_message(self._patch_set(result, frame, decision, plan, p))
+        msg = self._patch_set(result, frame, decision, plan, p)
+        msg.round = 1
+        if p['second_round'] != 'off':
+            # What a second round could add and still meet this frame's deadline: the cloud
+            # asks only within it.
+            more, took_s = self._monitor.second_round_offer(arrival=frame.received, patches=int(plan.indices.size),
+                                                            total_max=p['budget_max'])
+            msg.second_round_max, msg.second_round_ms = more, took_s * 1e3
+            msg.deadline_left_ms = (frame.received + p['deadline_ms'] / 1e3 - time.monotonic()) * 1e3
+        data = serialize_message(msg)
         self._monitor.sent(result.request_id, request_bytes=len(data), patches=int(plan.indices.size),
                            payload_bytes=plan.num_bytes, deadline=frame.received + p['deadline_ms'] / 1e3,
-                           context=_Offload(result, frame))
+                           context=_Offload(result, frame, decision, plan.indices))
         self._deadline_wake.set()
         self._publish_provisional(result)
         try:
@@ -534,9 +621,8 @@ class EdgeNode(Node):
             # (after a signal, rclpy may already have shut the context down: then nobody can
             # receive them anyway).
             for request in self._monitor.drain():
-                job: _Offload = request.context
                 try:
-                    self._fallback(job.result, job.frame, 'shutdown')
+                    self._give_up(request.context, 'shutdown')
                 except Exception:  # noqa: BLE001 - rclpy's RCLError: context already shut down
                     break
         if hasattr(self, '_uplink'):

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from sage_ros.core.models import VitModel, load_vit
-from sage_ros.core.offload import classify_batch
+from sage_ros.core.offload import classify_batch_attended
 
 PRECISIONS = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
@@ -25,6 +25,10 @@ class ServerBackend(Protocol):
     random_weights: bool
 
     def classify(self, requests: list[Request]) -> np.ndarray: ...
+
+    def classify_attended(self, requests: list[Request]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The softmax rows and each request's last-layer CLS attention over its tokens."""
+        ...
 
     def close(self) -> None: ...
 
@@ -46,13 +50,20 @@ class LocalBackend:
     def classify(self, requests: list[Request]) -> np.ndarray:
         """One forward, requests padded to the largest and the padding masked; the caller
         groups sizes (:func:`sage_ros.core.offload.size_groups`)."""
+        return self._forward(requests, attention=False)[0]
+
+    def classify_attended(self, requests: list[Request]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`classify`, and the CLS attention over each request's tokens (same forward)."""
+        return self._forward(requests, attention=True)
+
+    def _forward(self, requests: list[Request], *, attention: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         if self._precision == 'fp32':
-            return classify_batch(self.vit, requests)
+            return classify_batch_attended(self.vit, requests, attention=attention)
         # Mixed precision where the hardware has it (fp16/bf16 on a GPU: several times the
         # images per second of fp32); the softmax is computed in fp32 either way.
         device = next(self.vit.model.parameters()).device.type
         with torch.autocast(device_type=device, dtype=PRECISIONS[self._precision]):
-            return classify_batch(self.vit, requests)
+            return classify_batch_attended(self.vit, requests, attention=attention)
 
     def close(self) -> None:
         pass

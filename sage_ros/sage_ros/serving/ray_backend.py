@@ -54,9 +54,9 @@ def _deployment() -> Any:
             return {'name': b.name, 'weights': b.weights, 'random_weights': b.random_weights, 'replica': self.replica}
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-        async def classify(self, requests: list[Request]) -> list[tuple[np.ndarray, str]]:
-            probs = self.backend.classify(list(requests))
-            return [(row, self.replica) for row in probs]
+        async def classify(self, requests: list[Request]) -> list[tuple[np.ndarray, np.ndarray, str]]:
+            probs, attention = self.backend.classify_attended(list(requests))
+            return [(row, att, self.replica) for row, att in zip(probs, attention)]
 
     return ServerModel
 
@@ -129,22 +129,28 @@ class RayBackend:
     def classify(self, requests: list[Request]) -> np.ndarray:
         """Softmax rows in order. A request whose call fails twice gets a row of NaN: the
         caller answers it ERROR (its robot falls back) instead of losing it."""
+        return self.classify_attended(requests)[0]
+
+    def classify_attended(self, requests: list[Request]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """:meth:`classify`, and the CLS attention over each request's tokens (empty when lost)."""
         calls = [self._handle.classify.remote(r) for r in requests]
-        rows = []
+        rows, attention = [], []
         for request, call in zip(requests, calls):
             for attempt in range(2):
                 try:
-                    row, replica = call.result(timeout_s=self._timeout_s)
+                    row, att, replica = call.result(timeout_s=self._timeout_s)
                     self.served_by.append(replica)
                     rows.append(row)
+                    attention.append(att)
                     break
                 except Exception:  # noqa: BLE001 - a replica died or timed out: retry once
                     if attempt == 0:
                         call = self._handle.classify.remote(request)
             else:
                 rows.append(None)
+                attention.append(np.empty(0, np.float32))
         width = next((len(r) for r in rows if r is not None), 1000)
-        return np.stack([r if r is not None else np.full(width, np.nan, np.float32) for r in rows])
+        return np.stack([r if r is not None else np.full(width, np.nan, np.float32) for r in rows]), attention
 
     def close(self) -> None:
         from ray import serve
