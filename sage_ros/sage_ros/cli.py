@@ -117,8 +117,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f'unknown methods {sorted(unknown)}; choose from {", ".join(METHODS)}')
     edge, cloud = _params(args)
+    if args.second_k is not None and not args.second_round:
+        raise ValueError('--second-k applies with --second-round only')
     cfg = sweep_config(edge, cloud, methods=args.methods, budgets=args.budgets, etas=args.eta, codecs=args.codecs,
-                       quality=args.quality, prefilter_ratios=args.prefilter_ratios, limit=args.limit)
+                       quality=args.quality, prefilter_ratios=args.prefilter_ratios, limit=args.limit,
+                       second_rounds=args.second_round,
+                       second_ks=[16, 32] if args.second_k is None else args.second_k, eta_clouds=args.eta_cloud)
     run_eval(args.bag, cfg, args.out, cache_path=args.cache, progress=not args.no_progress, figures=args.figures)
     return 0
 
@@ -268,6 +272,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--quality', type=int, default=None, help='JPEG quality (default: jpeg_quality of the config)')
     ev.add_argument('--prefilter-ratios', type=_csv(float), default=[2.0],
                     help='SAGE prefilter ratios k to sweep (e.g. 1,1.5,2,3,4)')
+    ev.add_argument('--second-round', type=_csv(str), default=[], metavar='MODES',
+                    help='two-round evidence, offline: comma-separated modes (continue, roi); SAGE at each B is '
+                         'round one and, when the server\'s min-entropy on it is >= eta_cloud, the edge sends K '
+                         'more patches (continue: SAGE carried on; roi: around the server\'s 8 most attended '
+                         'patches, or sage_cloud roi_count), both rounds within sage_edge budget_max '
+                         '(default: none, no two-round rows)')
+    ev.add_argument('--second-k', type=_csv(int), default=None, metavar='K',
+                    help='comma-separated patches a second round adds (default with --second-round: 16,32; '
+                         '0 gives the one-round SAGE rows)')
+    ev.add_argument('--eta-cloud', type=_csv(float), default=[3.0], metavar='BITS',
+                    help='comma-separated server min-entropy thresholds (bits) for asking for a second round '
+                         '(default 3.0; the live sage_cloud eta_cloud is not read: it is off by default)')
     ev.add_argument('--out', type=Path, required=True, help='output folder')
     ev.add_argument('--cache', type=Path, default=None, help='cache file (default: OUT/cache.sqlite)')
     ev.add_argument('--limit', type=int, default=0, help='only the first N frames (0: all)')

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """A resumable cache of model outputs for sweeps: edge outputs per frame, server answers per
-(setting, frame). SQLite, committed as it goes, so an interrupted sweep resumes where it was."""
+(setting, frame), and the patches a second round added. SQLite, committed as it goes, so an
+interrupted sweep resumes where it was."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ CREATE TABLE IF NOT EXISTS edge (
 CREATE TABLE IF NOT EXISTS server (
     ctx TEXT, setting TEXT, idx INTEGER, label INTEGER, confidence REAL, patches INTEGER,
     bytes INTEGER, coverage REAL, truncated INTEGER, PRIMARY KEY (ctx, setting, idx));
+CREATE TABLE IF NOT EXISTS round_two (
+    ctx TEXT, setting TEXT, idx INTEGER, indices BLOB, PRIMARY KEY (ctx, setting, idx));
 """
 
 
@@ -117,3 +120,13 @@ class EvalCache:
         rows = self._db.execute('SELECT idx, label, confidence, patches, bytes, coverage, truncated FROM server '
                                 'WHERE ctx = ? AND setting = ?', (ctx, setting))
         return {r[0]: ServerRecord(*r) for r in rows}
+
+    # --- second rounds --------------------------------------------------------------------
+    def put_round_two(self, ctx: str, setting: str, idx: int, indices: np.ndarray) -> None:
+        """The grid indices a frame's second round added (committed with its server answer)."""
+        self._db.execute('INSERT OR REPLACE INTO round_two VALUES (?,?,?,?)',
+                         (ctx, setting, idx, np.asarray(indices, np.int16).tobytes()))
+
+    def round_two(self, ctx: str, setting: str) -> dict[int, np.ndarray]:
+        rows = self._db.execute('SELECT idx, indices FROM round_two WHERE ctx = ? AND setting = ?', (ctx, setting))
+        return {idx: np.frombuffer(blob, np.int16).astype(np.int64) for idx, blob in rows}

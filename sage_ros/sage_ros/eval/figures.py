@@ -10,7 +10,7 @@ import numpy as np
 
 from sage_ros.core.selection import coverage, select
 from sage_ros.eval.bags import read_image_bag
-from sage_ros.eval.sweep import SweepData, record_score
+from sage_ros.eval.sweep import SweepData, TwoRound, cloud_uncertainty, record_score
 
 FIGURE_METHODS = ('attention_topk', 'sage', 'bat')
 _LABELS = {'attention_topk': 'attention prefix', 'sage': 'SAGE', 'bat': 'BAT'}
@@ -20,7 +20,8 @@ def write_figures(data: SweepData, out_dir: Path, n: int, *, budget: int | None 
                   methods: Sequence[str] = FIGURE_METHODS) -> list[Path]:
     """PNGs of the first ``n`` offloaded frames with the patches of each method drawn on the
     model's input crop, and their 7x7 coverage in the caption. ``budget`` defaults to the
-    sweep's smallest, where the methods differ most."""
+    sweep's smallest, where the methods differ most. With two-round settings, the first one (K > 0) at
+    that budget: where the server asked for more, SAGE's round-two patches in cyan."""
     import matplotlib
 
     matplotlib.use('Agg')
@@ -39,6 +40,7 @@ def write_figures(data: SweepData, out_dir: Path, n: int, *, budget: int | None 
         return []
     pipeline = EdgePipeline(load_vit(cfg.edge_model, cfg.edge_weights))
     params = {**cfg.method_params}
+    two = next((t for t in data.two_round if t.budget == b and t.k > 0), None)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for frame in read_image_bag(data.bag, limit=max(wanted) + 1):
@@ -50,11 +52,13 @@ def write_figures(data: SweepData, out_dir: Path, n: int, *, budget: int | None 
         for ax, method in zip(np.atleast_1d(axes), methods):
             idx = select(method, rec.attention, rec.embeddings, b, prefilter_ratio=2.0, seed=cfg.seed,
                          **params.get(method, {}))
+            more = _round_two(data, two, frame.index) if method == 'sage' else np.empty(0, np.int64)
             ax.imshow(crop)
-            for i in idx.tolist():
+            for i, colour in [(i, 'yellow') for i in idx.tolist()] + [(i, 'cyan') for i in more.tolist()]:
                 r, c = divmod(i, 14)
-                ax.add_patch(Rectangle((c * 16 - 0.5, r * 16 - 0.5), 16, 16, fill=False, lw=1.2, ec='yellow'))
-            ax.set_title(f'{_LABELS.get(method, method)}: B={b}\n7x7 coverage {100 * coverage(idx):.0f} %',
+                ax.add_patch(Rectangle((c * 16 - 0.5, r * 16 - 0.5), 16, 16, fill=False, lw=1.2, ec=colour))
+            extra = f'\n+{more.size} round 2 ({two.mode}, cyan)' if more.size else ''
+            ax.set_title(f'{_LABELS.get(method, method)}: B={b}\n7x7 coverage {100 * coverage(idx):.0f} %{extra}',
                          fontsize=9)
             ax.axis('off')
         fig.suptitle(f'{frame.source or f"frame {frame.index}"} (weights {data.edge_weights})', fontsize=8)
@@ -65,3 +69,11 @@ def write_figures(data: SweepData, out_dir: Path, n: int, *, budget: int | None 
         paths.append(path)
     return paths
 
+
+def _round_two(data: SweepData, two: TwoRound | None, frame: int) -> np.ndarray:
+    """The patches a second round added to ``frame`` under the two-round setting ``two``: none
+    when there is no such setting or the server was sure enough on round one."""
+    first = data.server[two.round_one.key].get(frame) if two else None
+    if first is None or cloud_uncertainty(first) < two.eta_cloud:
+        return np.empty(0, np.int64)
+    return data.round_two.get(two.key, {}).get(frame, np.empty(0, np.int64))

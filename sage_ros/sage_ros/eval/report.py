@@ -13,13 +13,15 @@ import matplotlib
 matplotlib.use('Agg')  # files only; no display here or on a robot
 import matplotlib.pyplot as plt  # noqa: E402
 
-from sage_ros.eval.sweep import CEILING, EQUAL_BYTES, FRAME_JPEG, SweepData  # noqa: E402
+from sage_ros.eval.sweep import CEILING, EQUAL_BYTES, FRAME_JPEG, TWO_ROUND, SweepData  # noqa: E402
 
 CSV_COLUMNS = (
     'method', 'budget', 'eta', 'codec', 'quality', 'prefilter_ratio', 'offloaded_accuracy', 'overall_accuracy',
     'edge_accuracy', 'offload_rate', 'offloaded', 'answered', 'mean_patches', 'max_patches', 'mean_bytes',
     'max_bytes', 'coverage_7x7', 'budget_violations', 'truncated', 'acc_low_attention_entropy',
     'acc_high_attention_entropy', 'frames', 'edge_weights', 'server_weights',
+    # Two-round rows only (method sage_two_round; offloaded_accuracy is then after round two).
+    'second_round', 'second_k', 'eta_cloud', 'round1_accuracy', 'second_round_share',
 )
 
 
@@ -37,10 +39,22 @@ def _pct(v: float) -> str:
 def _main_rows(rows: Sequence[dict[str, Any]], data: SweepData, eta: float) -> list[dict[str, Any]]:
     codec, k = data.config.codecs[0], 2.0
     main = [r for r in rows if r['eta'] == eta and r['codec'] == codec and r['prefilter_ratio'] == k
-            and r['method'] not in (CEILING, FRAME_JPEG)]
+            and r['method'] not in (CEILING, FRAME_JPEG, TWO_ROUND)]
     # A display-only cell for the attention-entropy table.
     return [{**r, 'attention_entropy_split': f'{_pct(r["acc_low_attention_entropy"])} / '
                                              f'{_pct(r["acc_high_attention_entropy"])}'} for r in main]
+
+
+def _two_round_rows(rows: Sequence[dict[str, Any]], eta: float) -> list[dict[str, Any]]:
+    return [r for r in rows if r['eta'] == eta and r['method'] == TWO_ROUND]
+
+
+def _curves(rows: Sequence[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Two-round rows by (mode, K, eta_cloud), each over budgets in order."""
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: r['budget']):
+        out.setdefault((r['second_round'], r['second_k'], r['eta_cloud']), []).append(r)
+    return out
 
 
 def _table(rows: list[dict[str, Any]], methods: Sequence[str], budgets: Sequence[int], key: str,
@@ -105,6 +119,22 @@ def write_markdown(rows: Sequence[dict[str, Any]], data: SweepData, path: Path) 
                        and r['eta'] == eta and r['codec'] == cfg.codecs[0]}
                 out.append(f'| {k:g} | ' + ' | '.join(_pct(sel[b]['offloaded_accuracy']) if b in sel else '–'
                                                    for b in cfg.budgets) + ' |')
+        two = _two_round_rows(rows, eta)
+        if two:
+            out += ['', '### Two-round evidence', '',
+                    f'Round one is the SAGE request at B (k=2). When the server\'s min-entropy on it is >= eta_cloud '
+                    f'(bits), the edge sends up to K more patches as a request of its own (continue: SAGE carried '
+                    f'on from round one; roi: the unsent neighbours of the server\'s {cfg.roi_count} most attended '
+                    f'patches), within budget_max = {cfg.budget_max} patches in all, and the server classifies '
+                    f'both rounds together. Accuracies are on the offloaded frames (%); bytes and patches per '
+                    f'offloaded frame, both rounds.', '',
+                    '| round 2 | K | eta_cloud | B | after round 1 | after round 2 | second round (%) | '
+                    'mean bytes | max bytes | mean patches |',
+                    '|---|---|---|---|---|---|---|---|---|---|']
+            for (mode, k, eta_c), curve in _curves(two).items():
+                out += [f'| {mode} | {k} | {eta_c:g} | {r["budget"]} | {_pct(r["round1_accuracy"])} | '
+                        f'{_pct(r["offloaded_accuracy"])} | {_pct(r["second_round_share"])} | '
+                        f'{r["mean_bytes"]:.0f} | {r["max_bytes"]} | {r["mean_patches"]:.1f} |' for r in curve]
     out += ['', f'Wall time: {data.seconds.get("total", 0):.1f} s (edge pass and cache reads '
                 f'{data.seconds.get("edge", 0):.1f} s).', '']
     path.write_text('\n'.join(out))
@@ -134,6 +164,9 @@ def write_plots(rows: Sequence[dict[str, Any]], data: SweepData, out_dir: Path) 
         if x == 'mean_bytes':
             xs, ys = series(EQUAL_BYTES, x, y)
             ax.plot(xs, ys, marker='s', color='black', ls=':', label='whole frame, equal bytes')
+            for n, ((mode, k, eta_c), curve) in enumerate(_curves(_two_round_rows(rows, eta)).items()):
+                ax.plot([r[x] for r in curve], [100 * r[y] for r in curve], marker='^v<>DPX'[n % 7], ls='--',
+                        label=f'SAGE + {mode} K={k}, eta_cloud={eta_c:g}')
         if y == 'offloaded_accuracy' and CEILING in ref:
             ax.axhline(100 * ref[CEILING]['offloaded_accuracy'], color='grey', ls='--', label='all 196 patches')
         if x == 'mean_bytes' and FRAME_JPEG in ref:

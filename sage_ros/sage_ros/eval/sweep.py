@@ -3,6 +3,10 @@
 
 The edge pass is computed once per frame and cached; server answers are cached per
 (setting, frame). A rerun, or a run after an interruption, computes only what is missing.
+
+Two-round evidence (offline): SAGE's request at B is round one; when the server's min-entropy
+on it is at least eta_cloud, the edge adds K patches (:func:`sage_ros.core.rounds.select_second_round`),
+encoded as a request of their own, and the server classifies the union.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -31,7 +35,12 @@ from sage_ros.core import (
     normalize,
     server_forward_subset,
 )
+from sage_ros.core.codec import encode_patches
+from sage_ros.core.gate import min_entropy
+from sage_ros.core.offload import classify_batch_attended
 from sage_ros.core.pipeline import EdgePipeline
+from sage_ros.core.rounds import SECOND_ROUND_MODES as _ROUND_MODES
+from sage_ros.core.rounds import cloud_roi, select_second_round
 from sage_ros.eval.bags import BagFrame, bag_fingerprint, count_frames, read_image_bag
 from sage_ros.eval.cache import EdgeRecord, EvalCache, ServerRecord, context_key
 from sage_ros.eval.frame_jpeg import encode_frame_within
@@ -42,6 +51,11 @@ CEILING = 'all_patches'
 FRAME_JPEG = 'frame_jpeg'
 # The whole frame as a JPEG of at most the bytes of that frame's SAGE request at the same B.
 EQUAL_BYTES = 'frame_equal_bytes'
+# SAGE with a second round of evidence when the server is unsure (rows with second_round set).
+TWO_ROUND = 'sage_two_round'
+SECOND_ROUND_MODES = tuple(m for m in _ROUND_MODES if m != 'off')
+# Regions of interest the server names for a roi second round: its most attended patches.
+ROI_COUNT = 8
 _SERVER_BATCH = 32
 
 
@@ -65,6 +79,37 @@ class Setting:
         return self.method in (CEILING, FRAME_JPEG)
 
 
+@dataclass(frozen=True)
+class TwoRound:
+    """A two-round point: SAGE at ``budget`` (round one); when the server's min-entropy on it is
+    >= ``eta_cloud``, ``k`` more patches by ``mode`` (round two), both within ``budget_max``."""
+
+    mode: str
+    k: int
+    eta_cloud: float
+    budget: int
+    codec: str = 'jpeg'
+    quality: int = 90
+    budget_max: int = 96
+    roi_count: int = ROI_COUNT
+
+    @property
+    def round_one(self) -> Setting:
+        """The one-round SAGE setting whose request is round one."""
+        return Setting('sage', self.budget, self.codec, self.quality)
+
+    @property
+    def key(self) -> str:
+        """Cache key of the union's answers: they do not depend on ``eta_cloud``, which only
+        decides, at report time, which frames take them."""
+        roi = f'|roi{self.roi_count}' if self.mode == 'roi' else ''
+        return f'{TWO_ROUND}:{self.mode}|K{self.k}|max{self.budget_max}{roi}|{self.round_one.key}'
+
+    def extra(self, sent: int) -> int:
+        """Patches round two may add to ``sent`` round-one patches."""
+        return max(0, min(self.k, self.budget_max - sent))
+
+
 @dataclass
 class SweepConfig:
     """What to sweep and with which models (defaults: the sage_edge/sage_cloud YAML)."""
@@ -86,14 +131,37 @@ class SweepConfig:
     method_params: dict[str, dict[str, float]] = field(default_factory=dict)
     limit: int = 0
     batch: int = 16
+    second_rounds: Sequence[str] = ()
+    """Two-round modes (``continue``, ``roi``); none: no two-round settings."""
+    second_ks: Sequence[int] = (16, 32)
+    eta_clouds: Sequence[float] = (3.0,)
+    """The server's min-entropy thresholds (bits) for asking for a second round."""
+    budget_max: int = 96
+    """Round one plus round two stay within this many patches (sage_edge budget_max)."""
+    roi_count: int = ROI_COUNT
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.second_rounds if m not in SECOND_ROUND_MODES]
+        if unknown:
+            raise ValueError(f'unknown second-round modes {unknown}; choose from {", ".join(SECOND_ROUND_MODES)}')
+        if self.second_rounds and (not self.second_ks or not self.eta_clouds):
+            raise ValueError('two-round evidence needs at least one K and one eta_cloud')
+        if any(k < 0 for k in self.second_ks):
+            raise ValueError(f'second-round K must be >= 0, got {list(self.second_ks)}')
 
     def settings(self) -> list[Setting]:
         out = [Setting(m, b, c, self.quality) for m in self.methods for b in self.budgets for c in self.codecs]
         for k in self.prefilter_ratios:
             out += [Setting('sage', b, self.codecs[0], self.quality, k) for b in self.budgets]
         out += [Setting(EQUAL_BYTES, b, self.codecs[0], self.quality) for b in self.budgets]
+        out += [t.round_one for t in self.two_round_settings()]
         out += [Setting(CEILING, 196, 'raw', 0), Setting(FRAME_JPEG, 196, 'jpeg', 75)]
         return list(dict.fromkeys(out))
+
+    def two_round_settings(self) -> list[TwoRound]:
+        """Every (mode, K, eta_cloud, B) point, on the first codec."""
+        return [TwoRound(m, int(k), float(e), b, self.codecs[0], self.quality, self.budget_max, self.roi_count)
+                for m in self.second_rounds for k in self.second_ks for e in self.eta_clouds for b in self.budgets]
 
 
 @dataclass
@@ -108,6 +176,11 @@ class SweepData:
     server_weights: str
     bag: Path
     seconds: dict[str, float]
+    two_round: list[TwoRound] = field(default_factory=list)
+    rounds: dict[str, dict[int, ServerRecord]] = field(default_factory=dict)
+    """Union answers by :attr:`TwoRound.key` and frame (frames the server may ask for more)."""
+    round_two: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)
+    """Round-two patch indices, as ``rounds``."""
 
 
 def _frames(bag: Path, limit: int, wanted: set[int] | None = None) -> Iterable[BagFrame]:
@@ -177,6 +250,31 @@ def _jobs_for_frame(setting: Setting, crop: np.ndarray, rec: EdgeRecord,
     return plan.indices, patches, plan.num_bytes, plan.truncated_by_method
 
 
+def _server_probs(base: VitModel, jobs: Sequence[tuple[np.ndarray, np.ndarray]]
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """(position, the server's softmax) of each (indices, decoded patches) job, as each forward
+    ends (so an interruption keeps what was done); jobs of one size share forwards."""
+    by_count: dict[int, list[int]] = {}
+    for pos, (ind, _) in enumerate(jobs):
+        by_count.setdefault(int(ind.size), []).append(pos)
+    for count, positions in by_count.items():
+        for start in range(0, len(positions), _SERVER_BATCH):
+            chunk = positions[start:start + _SERVER_BATCH]
+            if count == 0:
+                probs = np.zeros((len(chunk), base.num_classes), np.float32)
+            else:
+                x = normalize(np.concatenate([jobs[j][1] for j in chunk]), base.mean, base.std)
+                x = x.reshape(len(chunk), count, *x.shape[1:])
+                idx = torch.from_numpy(np.stack([jobs[j][0] for j in chunk]).astype(np.int64))
+                probs = torch.softmax(server_forward_subset(base, x, idx).float(), -1).numpy()
+            yield from zip(chunk, probs)
+
+
+def _answer(fidx: int, probs: np.ndarray, indices: np.ndarray, nbytes: int, truncated: int = 0) -> ServerRecord:
+    top = int(np.argmax(probs))
+    return ServerRecord(fidx, top, float(probs[top]), int(indices.size), nbytes, coverage(indices), truncated)
+
+
 def _server_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, settings: list[Setting],
                  base: VitModel, tiny: VitModel, records: dict[int, EdgeRecord], offloaded: set[int],
                  progress: bool) -> None:
@@ -187,23 +285,9 @@ def _server_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, settin
     pending: list[tuple[Setting, int, np.ndarray, np.ndarray, int, int]] = []
 
     def flush() -> None:
-        by_count: dict[int, list] = {}
-        for job in pending:
-            by_count.setdefault(int(job[2].size), []).append(job)
-        for count, jobs in by_count.items():
-            for start in range(0, len(jobs), _SERVER_BATCH):
-                chunk = jobs[start:start + _SERVER_BATCH]
-                if count == 0:
-                    probs = np.zeros((len(chunk), base.num_classes), np.float32)
-                else:
-                    x = normalize(np.concatenate([j[3] for j in chunk]), base.mean, base.std)
-                    x = x.reshape(len(chunk), count, *x.shape[1:])
-                    idx = torch.from_numpy(np.stack([j[2] for j in chunk]).astype(np.int64))
-                    probs = torch.softmax(server_forward_subset(base, x, idx).float(), -1).numpy()
-                for (setting, fidx, ind, _, nbytes, trunc), p in zip(chunk, probs):
-                    top = int(np.argmax(p))
-                    cache.put_server(ctx, setting.key, [ServerRecord(fidx, top, float(p[top]), int(ind.size),
-                                                                     nbytes, coverage(ind), trunc)])
+        for pos, p in _server_probs(base, [(j[2], j[3]) for j in pending]):
+            setting, fidx, ind, _, nbytes, trunc = pending[pos]
+            cache.put_server(ctx, setting.key, [_answer(fidx, p, ind, nbytes, trunc)])
         cache.commit()
         pending.clear()
 
@@ -219,6 +303,80 @@ def _server_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, settin
             if len(pending) >= _SERVER_BATCH:
                 flush()
         if pending:
+            flush()
+
+
+def cloud_uncertainty(rec: ServerRecord) -> float:
+    """The server's min-entropy (bits) on a request: it reads only the top probability."""
+    return min_entropy([rec.confidence])
+
+
+def _two_round_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, base: VitModel, tiny: VitModel,
+                    records: dict[int, EdgeRecord], offloaded: set[int], progress: bool) -> None:
+    """Union answers for every offloaded frame on which the server, given round one (the cached
+    SAGE answer at B), is unsure at the smallest eta_cloud and round two has room to add patches."""
+    points = list({t.key: t for t in cfg.two_round_settings()}.values())  # one per union: eta_cloud apart
+    if not points:
+        return
+    eta = min(cfg.eta_clouds)
+    first = {t.round_one.key: cache.server(ctx, t.round_one.key) for t in points}
+    missing: dict[str, set[int]] = {}
+    for t in points:
+        r1 = first[t.round_one.key]
+        asks = {i for i in offloaded if i in r1 and t.extra(r1[i].patches) > 0 and cloud_uncertainty(r1[i]) >= eta}
+        missing[t.key] = asks - cache.server_done(ctx, t.key)
+    frames_needed = set().union(*missing.values())
+    if not frames_needed:
+        return
+    chunk: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        # Round one of each (frame, B) a union needs, as the server received it.
+        sent: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        for fidx, crop in chunk:
+            for t in points:
+                if fidx in missing[t.key] and (fidx, t.budget) not in sent:
+                    sent[fidx, t.budget] = _jobs_for_frame(t.round_one, crop, records[fidx], cfg)[:2]
+        # roi: the server names the patches it attended most on round one.
+        wanted = sorted({(f, t.budget) for f, _ in chunk for t in points if t.mode == 'roi' and f in missing[t.key]})
+        attention: dict[tuple[int, int], np.ndarray] = {}
+        for start in range(0, len(wanted), _SERVER_BATCH):
+            part = wanted[start:start + _SERVER_BATCH]
+            attention.update(zip(part, classify_batch_attended(base, [(sent[w][1], sent[w][0]) for w in part])[1]))
+        unions = []
+        for fidx, crop in chunk:
+            rec = records[fidx]
+            for t in (t for t in points if fidx in missing[t.key]):
+                ind, patches = sent[fidx, t.budget]
+                roi = cloud_roi(attention[fidx, t.budget], ind, t.roi_count) if t.mode == 'roi' else ()
+                new = select_second_round(t.mode, attention=rec.attention, embeddings=rec.embeddings, sent=ind,
+                                          k=t.extra(int(ind.size)), roi=roi,
+                                          prefilter_ratio=t.round_one.prefilter_ratio)
+                r1 = first[t.round_one.key][fidx]
+                if not new.size:  # nothing left to add: round one's answer stands
+                    cache.put_round_two(ctx, t.key, fidx, new)
+                    cache.put_server(ctx, t.key, [r1])
+                    continue
+                # Round two travels as a request of its own: encoded alone, decoded by the server.
+                payload = encode_patches(extract_patches(crop, new), t.codec, quality=t.quality)
+                decoded = decode_patches(payload, t.codec, int(new.size))
+                unions.append((t, fidx, np.concatenate([ind, new]), np.concatenate([patches, decoded]),
+                               r1.bytes + len(payload), new))
+        for pos, p in _server_probs(base, [(u[2], u[3]) for u in unions]):
+            t, fidx, ind, _, nbytes, new = unions[pos]
+            cache.put_round_two(ctx, t.key, fidx, new)  # first: a frame is done once its answer is in
+            cache.put_server(ctx, t.key, [_answer(fidx, p, ind, nbytes)])
+        cache.commit()
+        chunk.clear()
+
+    pipeline = EdgePipeline(tiny)
+    with tqdm(total=len(frames_needed), desc='two-round pass', unit='frame', disable=not progress) as bar:
+        for frame in _frames(bag, cfg.limit, frames_needed):
+            chunk.append((frame.index, pipeline.crop(frame.rgb, cfg.crop_pct)[0]))
+            bar.update(1)
+            if len(chunk) >= cfg.batch:
+                flush()
+        if chunk:
             flush()
 
 
@@ -244,12 +402,18 @@ def run_sweep(bag: Path, cfg: SweepConfig, *, cache_path: Path, progress: bool =
         records = {r.idx: r for r in cache.edge(edge_ctx) if r.idx < total or not cfg.limit}
         eta_min = min(cfg.etas)
         offloaded = {i for i, r in records.items() if record_score(r, cfg.gate_metric) >= eta_min}
-        emit(f'{len(records)} frames, {len(offloaded)} offloaded at eta={eta_min:g}; {len(settings)} settings')
+        two_round = cfg.two_round_settings()
+        extra = f', {len(two_round)} two-round' if two_round else ''
+        emit(f'{len(records)} frames, {len(offloaded)} offloaded at eta={eta_min:g}; {len(settings)} settings{extra}')
         _server_pass(cache, server_ctx, bag, cfg, settings, base, tiny, records, offloaded, progress)
+        _two_round_pass(cache, server_ctx, bag, cfg, base, tiny, records, offloaded, progress)
         seconds['total'] = time.perf_counter() - t0
         server = {s.key: cache.server(server_ctx, s.key) for s in settings}
+        rounds = {t.key: cache.server(server_ctx, t.key) for t in two_round}
+        round_two = {t.key: cache.round_two(server_ctx, t.key) for t in two_round}
         edge = [records[i] for i in sorted(records)]
-    return SweepData(cfg, settings, edge, server, tiny.weights, base.weights, bag, seconds)
+    return SweepData(cfg, settings, edge, server, tiny.weights, base.weights, bag, seconds, two_round, rounds,
+                     round_two)
 
 
 def record_score(rec: EdgeRecord, metric: str) -> float:
@@ -266,7 +430,8 @@ def attention_entropy(attention: np.ndarray) -> float:
 
 
 def rows(data: SweepData) -> list[dict[str, Any]]:
-    """One row per (setting, eta): the paper's measures, plus reference rows."""
+    """One row per (setting, eta): the paper's measures, plus reference rows; then one per
+    (two-round setting, eta), with ``second_round`` set."""
     out = []
     edge = data.edge
     n = len(edge)
@@ -276,6 +441,36 @@ def rows(data: SweepData) -> list[dict[str, Any]]:
     scores = np.array([record_score(r, data.config.gate_metric) for r in edge])
     att_h = np.array([attention_entropy(r.attention) for r in edge])
     common = {'edge_weights': data.edge_weights, 'server_weights': data.server_weights, 'frames': n}
+
+    def fields(s: Setting) -> dict[str, Any]:
+        return {'method': s.method, 'budget': s.budget, 'codec': s.codec,
+                'quality': s.quality if s.codec == 'jpeg' else 0, 'prefilter_ratio': s.prefilter_ratio}
+
+    def measures(off: np.ndarray, med: float, idx: list[int], srv: list[ServerRecord]) -> dict[str, Any]:
+        """Accuracy, size and coverage of the answers ``srv`` to the offloaded frames ``idx``."""
+        correct = np.array([r.label == truth[i] for i, r in zip(idx, srv)], bool)
+        lab = labelled[idx] if idx else np.zeros(0, bool)
+        overall = edge_correct.copy()
+        overall[idx] = correct
+        hi = att_h[idx] > med if idx else np.zeros(0, bool)
+        patches = np.array([r.patches for r in srv]) if srv else np.zeros(0)
+        nbytes = np.array([r.bytes for r in srv]) if srv else np.zeros(0)
+        return {
+            'offloaded': int(off.sum()), 'answered': len(srv),
+            'offload_rate': float(off.mean()) if n else 0.0,
+            'offloaded_accuracy': _mean(correct[lab]),
+            'overall_accuracy': _mean(overall[labelled]),
+            'edge_accuracy': _mean(edge_correct[labelled]),
+            'acc_low_attention_entropy': _mean(correct[lab & ~hi]),
+            'acc_high_attention_entropy': _mean(correct[lab & hi]),
+            'mean_patches': float(patches.mean()) if srv else 0.0,
+            'max_patches': int(patches.max()) if srv else 0,
+            'mean_bytes': float(nbytes.mean()) if srv else 0.0,
+            'max_bytes': int(nbytes.max()) if srv else 0,
+            'coverage_7x7': float(np.mean([r.coverage for r in srv])) if srv else 0.0,
+            'truncated': int(sum(r.truncated for r in srv)),
+        }
+
     for eta in data.config.etas:
         off = scores >= eta
         # Median split of the offloaded frames by attention entropy (the paper's analysis).
@@ -284,31 +479,29 @@ def rows(data: SweepData) -> list[dict[str, Any]]:
             recs = data.server[s.key]
             idx = [i for i, r in enumerate(edge) if off[i] and r.idx in recs]
             srv = [recs[edge[i].idx] for i in idx]
-            correct = np.array([r.label == truth[i] for i, r in zip(idx, srv)], bool)
-            lab = labelled[idx] if idx else np.zeros(0, bool)
-            overall = edge_correct.copy()
-            overall[idx] = correct
-            hi = att_h[idx] > med if idx else np.zeros(0, bool)
-            patches = np.array([r.patches for r in srv]) if srv else np.zeros(0)
-            nbytes = np.array([r.bytes for r in srv]) if srv else np.zeros(0)
+            m = measures(off, med, idx, srv)
             out.append({
-                **common, 'method': s.method, 'budget': s.budget, 'codec': s.codec,
-                'quality': s.quality if s.codec == 'jpeg' else 0, 'prefilter_ratio': s.prefilter_ratio,
-                'eta': eta, 'offloaded': int(off.sum()), 'answered': len(srv),
-                'offload_rate': float(off.mean()) if n else 0.0,
-                'offloaded_accuracy': _mean(correct[lab]),
-                'overall_accuracy': _mean(overall[labelled]),
-                'edge_accuracy': _mean(edge_correct[labelled]),
-                'acc_low_attention_entropy': _mean(correct[lab & ~hi]),
-                'acc_high_attention_entropy': _mean(correct[lab & hi]),
-                'mean_patches': float(patches.mean()) if srv else 0.0,
-                'max_patches': int(patches.max()) if srv else 0,
-                'mean_bytes': float(nbytes.mean()) if srv else 0.0,
-                'max_bytes': int(nbytes.max()) if srv else 0,
-                'coverage_7x7': float(np.mean([r.coverage for r in srv])) if srv else 0.0,
+                **common, **fields(s), 'eta': eta, **m,
                 # The equal-bytes frame sends every patch of a smaller JPEG: its bound is bytes.
-                'budget_violations': int((patches > s.budget).sum()) if srv and s.method != EQUAL_BYTES else 0,
-                'truncated': int(sum(r.truncated for r in srv)),
+                'budget_violations': int(sum(r.patches > s.budget for r in srv)) if s.method != EQUAL_BYTES else 0,
+            })
+        for t in data.two_round:
+            one, unions = data.server[t.round_one.key], data.rounds.get(t.key, {})
+            idx = [i for i, r in enumerate(edge) if off[i] and r.idx in one]
+            first = [one[edge[i].idx] for i in idx]
+            # A second round: the server is unsure on round one and round two added patches.
+            took = [cloud_uncertainty(r) >= t.eta_cloud and r.idx in unions and unions[r.idx].patches > r.patches
+                    for r in first]
+            final = [unions[r.idx] if tk else r for r, tk in zip(first, took)]
+            m = measures(off, med, idx, final)
+            out.append({
+                **common, **fields(t.round_one), 'method': TWO_ROUND, 'eta': eta, **m,
+                'second_round': t.mode, 'second_k': t.k, 'eta_cloud': t.eta_cloud,
+                'round1_accuracy': measures(off, med, idx, first)['offloaded_accuracy'],
+                'second_round_share': float(np.mean(took)) if took else 0.0,
+                # Round one stays within B; with a second round, both rounds within budget_max.
+                'budget_violations': int(sum(r.patches > t.budget for r in first)
+                                         + sum(r.patches > t.budget_max for r, tk in zip(final, took) if tk)),
             })
     return out
 
