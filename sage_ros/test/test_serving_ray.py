@@ -43,8 +43,14 @@ def test_every_request_is_answered_once_by_both_replicas_like_the_local_model(ra
     assert probs.shape == (48, 1000) and np.isfinite(probs).all()
     assert len(ray_backend.served_by) == 48  # one answer per request
     assert len(set(ray_backend.served_by)) == 2, set(ray_backend.served_by)  # both replicas served
-    want = LocalBackend(MODEL, 'random:0').classify(requests)
-    np.testing.assert_allclose(probs, want, atol=1e-5)
+    local = LocalBackend(MODEL, 'random:0')
+    np.testing.assert_allclose(probs, local.classify(requests), atol=1e-5)
+    # The replicas report their model's geometry (the ingress checks requests against it) and
+    # the CLS attention a second round's roi comes from, as the local model does.
+    assert ray_backend.geometry == local.geometry == (14, 14, 16, 224)
+    _, attention = ray_backend.classify_attended(requests[:3])
+    for got, want in zip(attention, local.classify_attended(requests[:3])[1]):
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_a_replica_killed_mid_run_loses_no_request(ray_backend):

@@ -168,9 +168,9 @@ class CloudNode(Node):
         self._round_one.configure(max_entries=p['round_one_max'], ttl_s=p['round_one_ttl_s'])
 
     def _request_limits(self) -> RequestLimits:
-        p, vit = self._params, getattr(self._backend, 'vit', None)
-        rows, cols = vit.grid if vit is not None else (14, 14)
-        patch, size = (vit.patch_size, vit.input_size) if vit is not None else (16, 224)
+        p = self._params
+        # The model's own geometry, also when it runs in Ray replicas (they report it).
+        rows, cols, patch, size = self._backend.geometry
         return RequestLimits(rows, cols, patch, size, p['max_budget'], p['max_payload_bytes'])
 
     def _robots_status(self) -> DiagnosticStatus:

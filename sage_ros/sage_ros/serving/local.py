@@ -23,6 +23,8 @@ class ServerBackend(Protocol):
     name: str
     weights: str
     random_weights: bool
+    geometry: tuple[int, int, int, int]
+    """The server model's (grid rows, grid cols, patch size, input size): what requests must match."""
 
     def classify(self, requests: list[Request]) -> np.ndarray: ...
 
@@ -43,6 +45,7 @@ class LocalBackend:
         self.vit: VitModel = load_vit(model, weights, device=device, num_threads=num_threads)
         self._precision = precision
         self.name, self.weights, self.random_weights = self.vit.name, self.vit.weights, self.vit.random_weights
+        self.geometry = (*self.vit.grid, self.vit.patch_size, self.vit.input_size)
         p = self.vit.patch_size
         # One forward now, not inside the first request's deadline.
         self.classify([(np.zeros((64, p, p, 3), np.uint8), np.arange(64))])

@@ -51,7 +51,8 @@ def _deployment() -> Any:
 
         def info(self) -> dict[str, Any]:
             b = self.backend
-            return {'name': b.name, 'weights': b.weights, 'random_weights': b.random_weights, 'replica': self.replica}
+            return {'name': b.name, 'weights': b.weights, 'random_weights': b.random_weights, 'replica': self.replica,
+                    'geometry': b.geometry}
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
         async def classify(self, requests: list[Request]) -> list[tuple[np.ndarray, np.ndarray, str]]:
@@ -123,6 +124,7 @@ class RayBackend:
         except Exception as exc:
             raise ServingError(f'Ray Serve could not start the server model: {str(exc).splitlines()[0]}') from None
         self.name, self.weights, self.random_weights = info['name'], info['weights'], info['random_weights']
+        self.geometry: tuple[int, int, int, int] = tuple(info['geometry'])
         self.served_by: list[str] = []
         """Replica (actor name) of every answered request, in order (for tests and diagnostics)."""
 
