@@ -306,6 +306,30 @@ def _pid_of(launch: Launch, executable: str) -> int:
     return int(re.search(rf'\[{executable}-\d+\]: process started with pid \[(\d+)\]', launch.text).group(1))
 
 
+def test_respawn_restarts_a_node_that_dies(ws, ros_domain):
+    """respawn:=true: a killed edge comes back (after respawn_delay) and the launch goes on."""
+    launch = Launch(ws, f'ros2 launch sage_ros edge_cloud.launch.py side:=edge namespace:=robot1 weights:=random '
+                        f'respawn:=true zenoh_connect:=tcp/127.0.0.1:{free_port()}', 'respawn')
+    try:
+        launch.wait_for(r'\[robot1\.sage_edge\]: ready:')
+        first = _pid_of(launch, 'sage_edge')
+        os.kill(first, signal.SIGKILL)
+        launch.wait_for(r'sage_edge-\d+\]: process has died')
+        # launch_ros names the restarted process like the first: two starts, two readies.
+        end = time.monotonic() + 90
+        while len(re.findall(r'\[sage_edge-\d+\]: process started with pid', launch.text)) < 2:
+            assert time.monotonic() < end and launch.proc.poll() is None, launch.text
+            time.sleep(0.2)
+        while len(re.findall(r'\[robot1\.sage_edge\]: ready:', launch.text)) < 2:
+            assert time.monotonic() < end and launch.proc.poll() is None, launch.text
+            time.sleep(0.2)
+        pids = re.findall(r'\[sage_edge-\d+\]: process started with pid \[(\d+)\]', launch.text)
+        assert int(pids[-1]) != first
+        assert launch.interrupt() == 0
+    finally:
+        launch.close()
+
+
 # --- split sides, as on a robot and a server ------------------------------------------------
 def test_readme_cloud_and_robot_commands_with_ctrl_c(ws, ros_domain, real_images):
     port = str(free_port())
