@@ -293,3 +293,36 @@ def test_monitor_survives_every_thread_at_once():
         t.join()
     assert not errors, errors[:3]
     assert len(sent) > 300 and monitor.answered_count > 300 and monitor.probes > 50
+
+
+def test_a_robot_that_offloads_from_its_first_frame_still_measures_the_base_rtt():
+    """Answers flowing keep the estimate fresh, so interval probes never go out; the base RTT
+    must still be measured, or the round trip reads as upload time (a long-RTT link as a slow one)."""
+    monitor, clock = make(deadline=1.5)
+    monitor.sent('r/0', request_bytes=8000, patches=64, payload_bytes=7400, deadline=clock.t + 1.5)
+    assert monitor.probe_due() == 0  # a request is out: a probe now would queue behind it
+    clock.t += 0.45
+    monitor.answered('r/0', server_s(64))
+    assert monitor.link.base_rtt_s == 0.0 and monitor.link.rtt_samples == 0
+    for k in range(3):  # fresh evidence, but no base RTT yet: tiny probes, one a second
+        assert monitor.probe_due() == 64
+        assert monitor.probe_due() == 0  # not again at once
+        monitor.sent(f'tiny{k}', request_bytes=264, patches=0, payload_bytes=64)
+        clock.t += BASE_RTT * (3 - k)  # the first after connecting is the slowest
+        monitor.answered(f'tiny{k}', 0.0005)
+        clock.t += 1.0
+    assert monitor.link.rtt_samples == 3 and abs(monitor.link.base_rtt_s - BASE_RTT) < 0.01
+    clock.t += 5.0
+    monitor.sent('r/1', request_bytes=8000, patches=64, payload_bytes=7400, deadline=clock.t + 1.5)
+    clock.t += 0.45
+    monitor.answered('r/1', server_s(64))
+    assert monitor.probe_due() == 0  # measured, and answers are fresh: no probe
+    monitor2, clock2 = make()
+    for k in range(3):  # a fixed budget: the base-RTT probes only
+        assert monitor2.probe_due(rtt_only=True) == 64
+        monitor2.sent(f'tiny{k}', request_bytes=264, patches=0, payload_bytes=64)
+        clock2.t += BASE_RTT
+        monitor2.answered(f'tiny{k}', 0.0005)
+        clock2.t += 1.0
+    clock2.t += 60.0
+    assert monitor2.probe_due(rtt_only=True) == 0 and monitor2.probe_due() > 0

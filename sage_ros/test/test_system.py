@@ -225,6 +225,7 @@ def test_second_robot_shares_the_cloud_with_bridge_compatible_keys_and_bytes(sys
     keys = {k for k, _ in seen}
     assert keys == {'robot2/sage/patch_set', 'robot2/sage/cloud_result'}
     store = typestore()
+    answered = 0
     for key, payload in seen:
         name = 'PatchSet' if key.endswith('patch_set') else 'CloudResult'
         assert payload[:4] == b'\x00\x01\x00\x00'  # CDR little-endian encapsulation header
@@ -235,8 +236,13 @@ def test_second_robot_shares_the_cloud_with_bridge_compatible_keys_and_bytes(sys
         if name == 'PatchSet':
             assert bytes(other.payload) == bytes(ours.payload) and other.indices.tolist() == list(ours.indices)
             assert ours.robot_id == 'robot2' and len(ours.indices) <= BUDGET
+            # Besides requests, the edge's tiny base-RTT probes (no patches) share the key.
+            assert ours.method != PatchSet.METHOD_PROBE or (len(ours.indices) == 0 and len(ours.payload) == 64)
         else:
-            assert other.labels.tolist() == list(ours.labels) and other.status == CloudResult.STATUS_OK
+            assert other.labels.tolist() == list(ours.labels)
+            assert other.status == (CloudResult.STATUS_PROBE if 'probe' in ours.request_id else CloudResult.STATUS_OK)
+            answered += other.status == CloudResult.STATUS_OK
+    assert answered >= 1
 
 
 def test_busy_edge_drops_stale_frames_and_answers_every_processed_one(system):

@@ -71,6 +71,11 @@ class LinkEstimator:
         """Network round trip of a tiny message (0 until a small exchange was seen)."""
         return min(self._base) if self._base else 0.0
 
+    @property
+    def rtt_samples(self) -> int:
+        """Small exchanges in the window :attr:`base_rtt_s` is the minimum of (0: assumed 0)."""
+        return len(self._base)
+
     def update(self, ex: Exchange) -> None:
         self.samples += 1
         net = max(1e-6, ex.round_trip_s - max(0.0, ex.server_s))
@@ -297,6 +302,7 @@ class UplinkMonitor:
         self._lateness: collections.deque[tuple[float, float]] = collections.deque(maxlen=10)
         self._last_bound = -math.inf
         self._probe_small = True
+        self._rtt_probe_at = -math.inf
         self._connected = connected
         self.answered_count = 0
         self.deadline_misses = 0
@@ -640,15 +646,30 @@ class UplinkMonitor:
         self.controller.update(self.link, self.edge_s)
 
     # --- probes -------------------------------------------------------------------------
-    def probe_due(self) -> int:
+    def probe_due(self, *, rtt_only: bool = False) -> int:
         """Bytes of the probe to send now, or 0. Probes go out when the estimate is stale (no
         answer for ``probe_interval_s``), and 4x as often while suspended; they alternate
         between a tiny one (base RTT) and a ``probe_bytes`` one (throughput). The caller sends
-        it and reports it with :meth:`sent` (patches=0)."""
+        it and reports it with :meth:`sent` (patches=0).
+
+        Until the base RTT is measured (three small exchanges: the first after connecting can
+        be slow), a tiny probe also goes out while answers flow, once a second and only when
+        nothing of ours is in flight, so it does not queue behind a request. Without it, a
+        robot that offloads from its first frame on would count the round trip as upload
+        time and plan as if a long-RTT link were a slow one. ``rtt_only`` (a fixed budget,
+        where only second rounds are planned) sends that one and no others.
+        """
         with self._lock:
             if not self._connected:
                 return 0
             now = self._clock()
+            if (self.link.rtt_samples < 3 and not self._outstanding(now)
+                    and now - self._rtt_probe_at >= min(self.probe_interval_s, 1.0)):
+                self._rtt_probe_at = now
+                self.probes += 1
+                return 64
+            if rtt_only:
+                return 0
             interval = self.probe_interval_s / (4 if self.controller.suspended else 1)
             if now - self._last_evidence < interval:
                 return 0

@@ -246,10 +246,11 @@ class EdgeNode(Node):
     def _tick_link(self) -> None:
         p = self._params
         self._monitor.set_connected(self._uplink.connected())
-        if p['budget_mode'] == 'auto':
-            size = self._monitor.probe_due()
-            if size:
-                self._send_probe(size)
+        # A fixed budget needs no link estimate, except the base RTT that second rounds are
+        # planned with (one tiny probe).
+        size = self._monitor.probe_due(rtt_only=p['budget_mode'] != 'auto')
+        if size:
+            self._send_probe(size)
         snap = self._monitor.snapshot()
         state = (self._budget_now(p, snap), p['budget_mode'], snap.suspended, snap.connected,
                  round(snap.throughput_bps, -2), snap.deadline_misses)
