@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sage_ros.core import SelectionError, edge_forward, normalize
 from sage_ros.core.link import BudgetController, Exchange, LinkEstimator, UplinkMonitor
-from sage_ros.core.offload import classify_batch, classify_batch_attended
+from sage_ros.core.offload import Budget, SelectionConfig, classify_batch, classify_batch_attended, plan_second_round
 from sage_ros.core.rounds import (RoundOneStore, cloud_roi, continue_sage, neighbours, roi_neighbours,
                                   select_second_round)
 from sage_ros.core.selection import select_sage
@@ -131,3 +131,18 @@ def test_monitor_offers_a_second_round_only_within_the_deadline():
     # A second round is traffic: booked in the uplink queue and counted.
     mon.sent('r/1', request_bytes=2000, patches=16, payload_bytes=1600, deadline=11.0, tokens=48)
     assert mon.snapshot().second_rounds == 1 and mon.snapshot().queued_bytes > 0
+
+
+def test_a_second_round_is_planned_like_a_first_within_its_own_budget(tiny, real_images):
+    """plan_second_round: the continue pick, encoded alone, trimmed to the byte budget."""
+    crop = tiny.crop(real_images[1])[0]
+    edge = edge_forward(tiny, normalize(crop, tiny.mean, tiny.std))[0]
+    sent = select_sage(edge.attention, edge.embeddings, 32)
+    config = SelectionConfig(encoding='jpeg', quality=90)
+    full = plan_second_round(crop, edge, sent, 'continue', Budget(16), config)
+    np.testing.assert_array_equal(full.indices, continue_sage(edge.attention, edge.embeddings, sent, 16))
+    tight = plan_second_round(crop, edge, sent, 'continue', Budget(16, full.num_bytes // 2), config)
+    assert 0 < tight.indices.size < 16 and tight.num_bytes <= full.num_bytes // 2
+    np.testing.assert_array_equal(tight.indices, full.indices[: tight.indices.size])  # least important dropped
+    with pytest.raises(SelectionError):
+        plan_second_round(crop, edge, sent, 'roi', Budget(16), config, roi=[500])

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from sage_ros.core.codec import decode_patches, encode_within_budget, extract_pa
 from sage_ros.core.errors import BudgetError
 from sage_ros.core.models import EdgeOutput, VitModel, server_forward_subset
 from sage_ros.core.preprocess import normalize
+from sage_ros.core.rounds import select_second_round
 from sage_ros.core.selection import coverage, select_detailed
 
 
@@ -94,22 +95,39 @@ def plan_offload(crop: np.ndarray, edge: EdgeOutput, budget: Budget, config: Sel
         seed=config.seed,
         **config.method_params,
     )
-    patches = extract_patches(crop, sel.indices)
+    return _encoded_plan(crop, sel.indices, budget, config, truncated=sel.truncated)
+
+
+def plan_second_round(crop: np.ndarray, edge: EdgeOutput, sent: np.ndarray, mode: str, budget: Budget,
+                      config: SelectionConfig, *, roi: Sequence[int] | np.ndarray = ()) -> OffloadPlan:
+    """The patches a second round adds to ``sent`` (at most ``budget``; ``mode`` and ``roi`` as
+    :func:`~sage_ros.core.rounds.select_second_round`), encoded as a request of their own.
+
+    Raises :class:`BudgetError` as :func:`plan_offload`, and SelectionError for a bad ``roi``.
+    """
+    new = select_second_round(mode, attention=edge.attention, embeddings=edge.embeddings, sent=sent,
+                              k=budget.patches, roi=roi, prefilter_ratio=config.prefilter_ratio)
+    return _encoded_plan(crop, new, budget, config)
+
+
+def _encoded_plan(crop: np.ndarray, indices: np.ndarray, budget: Budget, config: SelectionConfig, *,
+                  truncated: int = 0) -> OffloadPlan:
+    """``indices`` (in selection order) encoded, least important dropped until within ``budget``."""
     payload, kept = encode_within_budget(
-        patches, config.encoding, quality=config.quality, max_bytes=budget.max_bytes
+        extract_patches(crop, indices), config.encoding, quality=config.quality, max_bytes=budget.max_bytes
     )
-    indices = sel.indices[:kept]
+    kept_indices = indices[:kept]
     # The guarantee the whole system rests on; cheap enough to check on every request.
-    if not budget.admits(int(indices.size), len(payload)):
-        raise BudgetError(f'internal: plan of {indices.size} patches / {len(payload)} B exceeds {budget}')
+    if not budget.admits(int(kept_indices.size), len(payload)):
+        raise BudgetError(f'internal: plan of {kept_indices.size} patches / {len(payload)} B exceeds {budget}')
     return OffloadPlan(
-        indices=indices,
+        indices=kept_indices,
         payload=payload,
         encoding=config.encoding,
         quality=config.quality if config.encoding == 'jpeg' else 0,
-        truncated_by_method=sel.truncated,
-        dropped_for_bytes=int(sel.indices.size - kept),
-        coverage_7x7=coverage(indices),
+        truncated_by_method=truncated,
+        dropped_for_bytes=int(indices.size - kept),
+        coverage_7x7=coverage(kept_indices),
     )
 
 

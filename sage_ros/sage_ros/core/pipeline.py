@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from sage_ros.core.gate import gate_score, should_offload
 from sage_ros.core.models import EdgeOutput, VitModel, edge_forward
-from sage_ros.core.offload import Budget, OffloadPlan, SelectionConfig, plan_offload
+from sage_ros.core.offload import Budget, OffloadPlan, SelectionConfig, plan_offload, plan_second_round
 from sage_ros.core.preprocess import CropMap, normalize
 
 
@@ -90,6 +91,13 @@ class EdgePipeline:
     def plan(decision: FrameDecision, budget: Budget, selection: SelectionConfig) -> OffloadPlan:
         """The patches of an offloaded frame, selected and encoded within ``budget``."""
         return EdgePipeline.plan_crop(decision.crop, decision.edge, budget, selection)
+
+    @staticmethod
+    def plan_second_round(decision: FrameDecision, sent: np.ndarray, mode: str, budget: Budget,
+                          selection: SelectionConfig, *, roi: Sequence[int] | np.ndarray = ()) -> OffloadPlan:
+        """The patches a second round adds to ``sent`` (``mode``: continue or roi around the
+        cloud's ``roi``), encoded within ``budget`` as a request of their own."""
+        return plan_second_round(decision.crop, decision.edge, sent, mode, budget, selection, roi=roi)
 
     @staticmethod
     def plan_crop(crop: np.ndarray, edge: EdgeOutput, budget: Budget, selection: SelectionConfig) -> OffloadPlan:

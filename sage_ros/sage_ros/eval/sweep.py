@@ -35,12 +35,11 @@ from sage_ros.core import (
     normalize,
     server_forward_subset,
 )
-from sage_ros.core.codec import encode_patches
 from sage_ros.core.gate import min_entropy
-from sage_ros.core.offload import classify_batch_attended
+from sage_ros.core.offload import classify_batch_attended, plan_second_round
 from sage_ros.core.pipeline import EdgePipeline
 from sage_ros.core.rounds import SECOND_ROUND_MODES as _ROUND_MODES
-from sage_ros.core.rounds import cloud_roi, select_second_round
+from sage_ros.core.rounds import cloud_roi
 from sage_ros.eval.bags import BagFrame, bag_fingerprint, count_frames, read_image_bag
 from sage_ros.eval.cache import EdgeRecord, EvalCache, ServerRecord, context_key
 from sage_ros.eval.frame_jpeg import encode_frame_within
@@ -222,6 +221,11 @@ def _edge_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, tiny: Vi
             flush()
 
 
+def _edge_output(rec: EdgeRecord) -> EdgeOutput:
+    """What selection reads of the cached edge pass: its attention and embeddings."""
+    return EdgeOutput(logits=np.empty(0), probs=np.empty(0), attention=rec.attention, embeddings=rec.embeddings)
+
+
 def _jobs_for_frame(setting: Setting, crop: np.ndarray, rec: EdgeRecord,
                     cfg: SweepConfig) -> tuple[np.ndarray, np.ndarray, int, int]:
     """(indices, decoded patches, payload bytes, truncated) the server receives for a setting."""
@@ -243,9 +247,7 @@ def _jobs_for_frame(setting: Setting, crop: np.ndarray, rec: EdgeRecord,
     sel = SelectionConfig(method=setting.method, prefilter_ratio=setting.prefilter_ratio, seed=cfg.seed,
                           encoding=setting.codec, quality=setting.quality,
                           method_params=cfg.method_params.get(setting.method, {}))
-    # Selection reads only the attention and embeddings of the cached edge pass.
-    edge = EdgeOutput(logits=np.empty(0), probs=np.empty(0), attention=rec.attention, embeddings=rec.embeddings)
-    plan = EdgePipeline.plan_crop(crop, edge, Budget(setting.budget), sel)
+    plan = EdgePipeline.plan_crop(crop, _edge_output(rec), Budget(setting.budget), sel)
     patches = decode_patches(plan.payload, plan.encoding, int(plan.indices.size))
     return plan.indices, patches, plan.num_bytes, plan.truncated_by_method
 
@@ -349,19 +351,20 @@ def _two_round_pass(cache: EvalCache, ctx: str, bag: Path, cfg: SweepConfig, bas
             for t in (t for t in points if fidx in missing[t.key]):
                 ind, patches = sent[fidx, t.budget]
                 roi = cloud_roi(attention[fidx, t.budget], ind, t.roi_count) if t.mode == 'roi' else ()
-                new = select_second_round(t.mode, attention=rec.attention, embeddings=rec.embeddings, sent=ind,
-                                          k=t.extra(int(ind.size)), roi=roi,
-                                          prefilter_ratio=t.round_one.prefilter_ratio)
+                # Round two travels as a request of its own (the edge's plan): encoded alone,
+                # decoded by the server.
+                plan = plan_second_round(crop, _edge_output(rec), ind, t.mode, Budget(t.extra(int(ind.size))),
+                                         SelectionConfig(prefilter_ratio=t.round_one.prefilter_ratio,
+                                                         encoding=t.codec, quality=t.quality), roi=roi)
+                new = plan.indices
                 r1 = first[t.round_one.key][fidx]
                 if not new.size:  # nothing left to add: round one's answer stands
                     cache.put_round_two(ctx, t.key, fidx, new)
                     cache.put_server(ctx, t.key, [r1])
                     continue
-                # Round two travels as a request of its own: encoded alone, decoded by the server.
-                payload = encode_patches(extract_patches(crop, new), t.codec, quality=t.quality)
-                decoded = decode_patches(payload, t.codec, int(new.size))
+                decoded = decode_patches(plan.payload, t.codec, int(new.size))
                 unions.append((t, fidx, np.concatenate([ind, new]), np.concatenate([patches, decoded]),
-                               r1.bytes + len(payload), new))
+                               r1.bytes + plan.num_bytes, new))
         for pos, p in _server_probs(base, [(u[2], u[3]) for u in unions]):
             t, fidx, ind, _, nbytes, new = unions[pos]
             cache.put_round_two(ctx, t.key, fidx, new)  # first: a frame is done once its answer is in

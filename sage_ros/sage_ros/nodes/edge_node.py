@@ -35,14 +35,14 @@ from sage_ros_msgs.msg import BudgetStatus, CloudResult, OffloadResult, PatchSet
 from sensor_msgs.msg import CompressedImage, Image
 
 from sage_ros.core import Budget, SageError, load_vit
-from sage_ros.core.codec import ENCODINGS, encode_within_budget, extract_patches
+from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import GATE_METRICS
 from sage_ros.core.labels import class_name
 from sage_ros.core.link import LinkSnapshot
 from sage_ros.core.offload import OffloadPlan, check_byte_budget
 from sage_ros.core.pipeline import EdgePipeline, FrameDecision
 from sage_ros.core.preprocess import CropMap
-from sage_ros.core.rounds import SECOND_ROUND_MODES, select_second_round
+from sage_ros.core.rounds import SECOND_ROUND_MODES
 from sage_ros.core.selection import METHODS
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
@@ -420,33 +420,26 @@ class EdgeNode(Node):
         if k <= 0:
             return 'budget_max reached'
         try:
-            new = select_second_round(p['second_round'], attention=decision.edge.attention,
-                                      embeddings=decision.edge.embeddings, sent=sent, k=k,
-                                      roi=np.asarray(ask.roi_indices, dtype=np.int64),
-                                      prefilter_ratio=p['prefilter_ratio'], grid=self._pipeline.vit.grid[1])
-            if new.size == 0:
-                return 'no patch left to add'
-            # Asked for now, so planned now: behind whatever we have sent since round 1.
-            if not self._monitor.second_round_fits(arrival=job.frame.received, patches=int(new.size),
-                                                   tokens=int(sent.size + new.size)):
-                return 'it would miss the deadline'
-            payload, kept = encode_within_budget(extract_patches(decision.crop, new), p['codec'],
-                                                 quality=p['jpeg_quality'], max_bytes=p['byte_budget'])
+            plan = self._pipeline.plan_second_round(decision, sent, p['second_round'], Budget(k, p['byte_budget']),
+                                                    selection_config(p), roi=np.asarray(ask.roi_indices, np.int64))
         except SageError as exc:
             return f'selection failed: {exc}'
-        new = new[:kept]
-        plan = OffloadPlan(indices=new, payload=payload, encoding=p['codec'],
-                           quality=p['jpeg_quality'] if p['codec'] == 'jpeg' else 0, truncated_by_method=0,
-                           dropped_for_bytes=int(k - kept), coverage_7x7=0.0)
+        new = plan.indices
+        if new.size == 0:
+            return 'no patch left to add'
+        # Asked for now, so planned now: behind whatever we have sent since round 1.
+        if not self._monitor.second_round_fits(arrival=job.frame.received, patches=int(new.size),
+                                               tokens=int(sent.size + new.size)):
+            return 'it would miss the deadline'
         result = job.result
         msg = self._patch_set(result, job.frame, decision, plan, p)
         msg.round, msg.budget_patches = 2, int(sent.size + new.size)
         data = serialize_message(msg)
         result.patches_sent += int(new.size)
-        result.bytes_sent += len(payload)
-        result.second_round_patches, result.second_round_bytes = int(new.size), len(payload)
+        result.bytes_sent += plan.num_bytes
+        result.second_round_patches, result.second_round_bytes = int(new.size), plan.num_bytes
         self._monitor.sent(result.request_id, request_bytes=len(data), patches=int(new.size),
-                           payload_bytes=len(payload), deadline=job.frame.received + p['deadline_ms'] / 1e3,
+                           payload_bytes=plan.num_bytes, deadline=job.frame.received + p['deadline_ms'] / 1e3,
                            context=job, tokens=int(sent.size + new.size))
         self._deadline_wake.set()
         try:
