@@ -100,12 +100,10 @@ def ros_domain(ws, ros_env):
     import rclpy
 
     _domain['id'] = 1 + (os.getpid() + next(_DOMAINS)) % 100  # conftest's session domain: 101..200
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=_domain['id'])
     try:
-        yield context
+        with rclpy.init(context=rclpy.Context(), domain_id=_domain['id']) as ros:
+            yield ros.context
     finally:
-        rclpy.try_shutdown(context=context)
         # The README's `ros2 param` / `ros2 topic` commands start the ros2 daemon of this domain.
         subprocess.run(sh(ws, 'ros2 daemon stop'), cwd=ws, env=ros_env_of(ws), capture_output=True, timeout=30)
         _domain['id'] = 0
