@@ -122,7 +122,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = sweep_config(edge, cloud, methods=args.methods, budgets=args.budgets, etas=args.eta, codecs=args.codecs,
                        quality=args.quality, prefilter_ratios=args.prefilter_ratios, limit=args.limit,
                        second_rounds=args.second_round,
-                       second_ks=[16, 32] if args.second_k is None else args.second_k, eta_clouds=args.eta_cloud)
+                       second_ks=args.second_k, eta_clouds=args.eta_cloud)
     run_eval(args.bag, cfg, args.out, cache_path=args.cache, progress=not args.no_progress, figures=args.figures)
     return 0
 

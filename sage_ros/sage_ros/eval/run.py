@@ -7,16 +7,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from sage_ros.eval.report import write_csv, write_markdown, write_plots
-from sage_ros.eval.sweep import ROI_COUNT, SweepConfig, rows, run_sweep
+from sage_ros.eval.sweep import SweepConfig, rows, run_sweep
 from sage_ros.params import method_params
 
 
 def sweep_config(edge: dict[str, Any], cloud: dict[str, Any], *, methods: Sequence[str], budgets: Sequence[int],
                  etas: Sequence[float], codecs: Sequence[str], quality: int | None = None,
                  prefilter_ratios: Sequence[float] = (2.0,), limit: int = 0, second_rounds: Sequence[str] = (),
-                 second_ks: Sequence[int] = (16, 32), eta_clouds: Sequence[float] = (3.0,)) -> SweepConfig:
+                 second_ks: Sequence[int] | None = None, eta_clouds: Sequence[float] | None = None) -> SweepConfig:
     """A SweepConfig whose models, weights and method parameters come from the node parameters;
-    two rounds stay within sage_edge's budget_max, roi with sage_cloud's roi_count regions (if set)."""
+    two rounds stay within sage_edge's budget_max, roi with sage_cloud's roi_count regions.
+    ``second_ks`` / ``eta_clouds`` None: SweepConfig's defaults."""
     return SweepConfig(
         methods=list(methods), budgets=list(budgets), etas=list(etas), codecs=list(codecs),
         quality=int(edge['jpeg_quality'] if quality is None else quality), prefilter_ratios=list(prefilter_ratios),
@@ -24,8 +25,10 @@ def sweep_config(edge: dict[str, Any], cloud: dict[str, Any], *, methods: Sequen
         edge_weights=edge['weights'], server_weights=cloud['weights'], crop_pct=float(edge['crop_pct']),
         embedding_source=edge['embedding_source'], seed=int(edge['seed']),
         method_params=method_params(edge),
-        limit=limit, second_rounds=list(second_rounds), second_ks=list(second_ks), eta_clouds=list(eta_clouds),
-        budget_max=int(edge.get('budget_max', 96)), roi_count=int(cloud.get('roi_count', ROI_COUNT)),
+        limit=limit, second_rounds=list(second_rounds),
+        second_ks=list(SweepConfig.second_ks if second_ks is None else second_ks),
+        eta_clouds=list(SweepConfig.eta_clouds if eta_clouds is None else eta_clouds),
+        budget_max=int(edge['budget_max']), roi_count=int(cloud['roi_count']),
     )
 
 
