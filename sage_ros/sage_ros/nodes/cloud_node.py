@@ -264,7 +264,7 @@ class CloudNode(Node):
                 continue
             top = np.argsort(-row, kind='stable')[: p['topk']]
             uncertainty = gate_score(row, p['gate_metric'])
-            more = self._more_patches(req, msg, indices, uncertainty)
+            more, keep_s = self._more_patches(req, msg, indices, uncertainty)
             answer = self._answer(req, msg, CloudResult.STATUS_MORE if more else CloudResult.STATUS_OK, '')
             answer.labels = top.astype(np.int32)
             answer.label_names = [class_name(int(i)) for i in top]
@@ -276,29 +276,29 @@ class CloudNode(Node):
             if more:
                 answer.more_patches = more
                 answer.roi_indices = cloud_roi(att, indices, p['roi_count']).astype(np.uint16)
-                # Kept until round 2 comes or the robot's deadline passes, whichever is first.
-                left_s = (float(msg.deadline_left_ms) * 1e6 - (time.time_ns() - req.received_ns)) / 1e9
-                self._round_one.put(str(msg.request_id), req.robot, patches, indices, more, ttl_s=max(0.01, left_s))
+                self._round_one.put(str(msg.request_id), req.robot, patches, indices, more, ttl_s=keep_s)
                 self.stats.add('more_asked')
             elif answer.round == 2:
                 self.stats.add('second_rounds')
             self._send(req, answer)
             self.stats.add('answered')
 
-    def _more_patches(self, req: _Request, msg: Any, indices: np.ndarray, uncertainty: float) -> int:
-        """Patches to ask for in a second round; 0 = answer now. Only round 1 of a request
-        that offers one, when unsure, and when the deadline the robot stated leaves time."""
+    def _more_patches(self, req: _Request, msg: Any, indices: np.ndarray, uncertainty: float) -> tuple[int, float]:
+        """(patches to ask for in a second round, seconds to keep round 1's tokens); (0, 0.0) =
+        answer now. Only round 1 of a request that offers one, when unsure, and when the
+        deadline the robot stated leaves time."""
         p = self._params
         if int(msg.round) == 2 or p['second_round_k'] == 0 or uncertainty < p['eta_cloud']:
-            return 0
+            return 0, 0.0
         more = min(p['second_round_k'], int(msg.second_round_max), p['max_budget'] - int(indices.size))
-        spent_ms = (time.time_ns() - req.received_ns) / 1e6
+        left_ms = float(msg.deadline_left_ms) - (time.time_ns() - req.received_ns) / 1e6
         # Round 2 arrives about second_round_ms from now: within the robot's deadline, and
         # while its round-1 tokens are still kept.
         took_ms = float(msg.second_round_ms)
-        if more <= 0 or spent_ms + took_ms > float(msg.deadline_left_ms) or took_ms > p['round_one_ttl_s'] * 1e3:
-            return 0
-        return more
+        if more <= 0 or took_ms > left_ms or took_ms > p['round_one_ttl_s'] * 1e3:
+            return 0, 0.0
+        # Kept until round 2 comes or the robot's deadline passes, whichever is first.
+        return more, max(0.01, left_ms / 1e3)
 
     def _answer(self, req: _Request, msg: Any, status: int, detail: str, *, request_id: str = '') -> CloudResult:
         answer = CloudResult(status=status, detail=detail, server_model=self._backend.name,
