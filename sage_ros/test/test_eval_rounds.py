@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +170,19 @@ def test_cli_parses_the_second_round_options(swept, bag, monkeypatch, capsys):
     assert len(two) == 1 and two[0]['frames'] == '3' and two[0]['second_k'] == '0'
     for key in ('offloaded_accuracy', 'mean_bytes', 'max_bytes', 'mean_patches', 'coverage_7x7'):
         assert two[0][key] == sage[key]
+
+
+def test_the_readme_two_round_command_runs(bag, tmp_path):
+    """The README's `eval --second-round` line, as written, on this bag (first 3 frames)."""
+    readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    line = re.search(r'\./dev sage-ros eval (\S+) (.*?) \\\n\s+(--second-round .*?)\s+#', readme)
+    assert line, 'no eval --second-round command in the README'
+    argv = f'{line.group(2)} {line.group(3)}'.split()
+    out = argv[argv.index('--out') + 1]
+    argv[argv.index('--out') + 1] = str(tmp_path / 'sweep')
+    assert out.startswith('/tmp/')
+    assert main(['eval', str(bag), *argv, '--limit', '3', '--no-progress']) == 0
+    with open(tmp_path / 'sweep' / 'results.csv', newline='') as fh:
+        two = _pick(list(csv.DictReader(fh)), method=sweep_mod.TWO_ROUND)
+    # continue, roi x K 16, 32 x eta_cloud 2, 3 x B 32, 48, 64, each on 3 frames
+    assert len(two) == 24 and all(r['frames'] == '3' and r['budget_violations'] == '0' for r in two)

@@ -261,6 +261,17 @@ def test_both_sides_in_a_namespace_with_ros2cli(ws, ros_domain, real_images):
         assert 'out of range' in param('ros2 param set /robot1/sage_edge eta -1.0')
         assert param('ros2 param set /robot1/sage_edge method random') == 'Set parameter successful'
         assert 'method must be one of' in param('ros2 param set /robot1/sage_edge method best')
+        # Two-round evidence, switched on at run time on the cloud: a random-weight cloud is never
+        # sure, so once the link is measured its answers ask for more and frames take two rounds.
+        # B 48 leaves room under budget_max (96); in auto mode a fast link takes B to budget_max,
+        # and a frame whose first round already holds budget_max patches gets no second.
+        assert param(SET_BUDGET) == 'Set parameter successful'
+        assert param('ros2 param set /sage_cloud eta_cloud 0.0') == 'Set parameter successful'
+        assert 'second_round must be one of' in param('ros2 param set /robot1/sage_edge second_round twice')
+        results = one_result_per_frame(real_images[:4], ros_domain, topic='/robot1/camera/image_raw',
+                                       name='rounds_client')
+        assert any(r.rounds == 2 for r in results), [(r.rounds, r.detail) for r in results]
+        assert all(r.patches_sent <= 96 for r in results)  # budget_max, both rounds together
 
         # ros2 topic echo: the README's command (until its first message) and --once.
         from sage_ros.live_client import LiveClient
