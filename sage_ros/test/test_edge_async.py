@@ -44,7 +44,9 @@ def _edge_link(client: LiveClient, status: str = 'link') -> dict[str, str]:
 
 def test_edge_boots_without_a_router_answers_at_once_and_offloads_when_one_appears(ros_env, images, tmp_path):
     endpoint = f'tcp/127.0.0.1:{free_port()}'  # nothing listens here yet
-    ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'deadline_ms': 3000.0}
+    # Second rounds on (a random-weight cloud always asks; B 32 leaves room under budget_max).
+    ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'deadline_ms': 3000.0,
+          'eta_cloud': 0.0, 'budget': 32}
     log = (tmp_path / 'nodes.log').open('w')
     edge = Bringup(plan('edge', overrides=ov), log=log)
     cloud = Bringup(plan('cloud', overrides=ov), log=log)
@@ -82,6 +84,10 @@ def test_edge_boots_without_a_router_answers_at_once_and_offloads_when_one_appea
             client.drain(0.3)
         assert sources[-1] == CLOUD, f'offloading did not start by itself: {sources}'
         assert _edge_link(client)['uplink'] == 'connected'
+        # Once the link is measured (the base-RTT probes go out after connecting), frames take
+        # the second round the cloud asks for.
+        later = [client.classify(rgb, timeout=10) for rgb in images[:4]]
+        assert any(r is not None and r.rounds == 2 for r in later), [(r.rounds, r.detail) for r in later if r]
 
         # SIGINT, connected and with a request in flight.
         client.publish(images[4])
