@@ -10,7 +10,7 @@ side:=edge starts the edge node only (the robot), side:=cloud the router and the
 Parameters take one route, the one `sage-ros up` takes: the package's config/sage_ros.yaml,
 then `params_file:=` (your file in the same format, nav2 style: node keys such as
 /**/sage_edge, /robot1/sage_edge, sage_router, or the namespace as root key), then the
-arguments below. sage_ros.params.write_params_file merges them into one file keyed by each
+arguments below. sage_ros.node_plan.launch_nodes merges them into one file keyed by each
 node's full name, and every node gets that file, the router included. Empty arguments keep the
 files' values.
 """
@@ -23,69 +23,12 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironment
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from sage_ros.bringup import params_dir, side_nodes
-from sage_ros.params import FASTDDS_PROFILE, load_params, parse_value, write_params_file
+from sage_ros.node_plan import LAUNCH_ARGS, LaunchArgumentError, launch_nodes
+from sage_ros.params import FASTDDS_PROFILE
 
-BOOL = ('true', 'false')
-# name: (default, description, choices or None)
-ARGS = {
-    'side': ('both', 'edge: the edge node (robot); cloud: router and cloud node (server); both: all three',
-             ('edge', 'cloud', 'both')),
-    'namespace': ('', "the robot's namespace, of the edge node (e.g. robot1); the cloud serves every robot", None),
-    'params_file': ('', 'your parameter file over the package config/sage_ros.yaml (node keys: /**/sage_edge, '
-                        '/robot1/sage_edge, sage_router, ...); reaches every node, the router included', None),
-    'camera_topic': ('', 'remaps the edge camera topic camera/image_raw (relative: resolved in the namespace)', None),
-    'camera_transport': ('raw', 'raw: sensor_msgs/Image on camera/image_raw; compressed: CompressedImage on '
-                                'camera/image_raw/compressed (camera_ros, image_transport)', ('raw', 'compressed')),
-    'budget': ('', 'patch budget B per request (integer); setting it switches budget_mode to fixed', None),
-    'budget_mode': ('', 'auto (the bandwidth monitor sets B) or fixed (B = budget)', None),
-    'method': ('', 'selection method (sage, attention_topk, ...)', None),
-    'eta': ('', 'gate threshold (float)', None),
-    'weights': ('', 'weights of both models: checkpoint path, hub, or random', None),
-    'edge_weights': ('', 'weights of the edge model only', None),
-    'cloud_weights': ('', 'weights of the cloud model only', None),
-    'zenoh_connect': ('', 'router endpoint(s) the edge and the cloud node connect to (e.g. tls/CLOUD_IP:7447)', None),
-    'zenoh_listen': ('', 'endpoint(s) the router listens on (e.g. tcp/0.0.0.0:7447)', None),
-    'zenoh_config': ('', 'Zenoh session config of the edge or cloud node (e.g. zenoh_robot1.json5 or '
-                         'zenoh_cloud.json5 from sage-ros certs)', None),
-    'router_zenoh_config': ('', "the router's Zenoh config (e.g. zenoh_router.json5 from sage-ros certs)", None),
-    'use_sim_time': ('false', 'use /clock (bag replay with ros2 bag play --clock)', BOOL),
-    'log_level': ('info', 'log level of every node', ('debug', 'info', 'warn', 'error', 'fatal')),
-    'respawn': ('false', 'restart a node that dies (after 2 s); false: the whole launch stops with it', BOOL),
-}
-
-# Launch argument -> the parameters it sets ('name': every node that has it, 'node.name': one).
-OVERRIDES = {
-    'budget': ('sage_edge.budget',), 'budget_mode': ('sage_edge.budget_mode',), 'method': ('sage_edge.method',),
-    'eta': ('sage_edge.eta',), 'weights': ('weights',), 'edge_weights': ('sage_edge.weights',),
-    'cloud_weights': ('sage_cloud.weights',), 'zenoh_connect': ('zenoh_connect',),
-    'zenoh_listen': ('sage_router.zenoh_listen',),
-    'zenoh_config': ('sage_edge.zenoh_config', 'sage_cloud.zenoh_config'),
-    'router_zenoh_config': ('sage_router.zenoh_config',), 'use_sim_time': ('use_sim_time',),
-}
-CAMERA = 'camera/image_raw'
-EXECUTABLES = {'router': 'sage_router', 'cloud': 'sage_cloud', 'edge': 'sage_edge'}
-
-
-def _overrides(arg):
-    """Parameter overrides from the arguments, typed as the YAML's defaults; a wrong type names
-    the argument (budget:=48.0 -> 'launch argument budget:=48.0: sage_edge.budget must be int')."""
-    out = {}
-    for name, keys in OVERRIDES.items():
-        if not arg[name]:
-            continue
-        value = parse_value(arg[name])
-        for key in keys:
-            node = key.partition('.')[0] if '.' in key else None
-            try:
-                for n in [node] if node else ('sage_edge', 'sage_cloud', 'sage_router'):
-                    load_params(n, overrides={key: value})
-            except (TypeError, KeyError) as exc:
-                raise RuntimeError(f'launch argument {name}:={arg[name]}: {exc.args[0]}') from None
-            out[key] = value
-    if arg['camera_transport'] == 'compressed':
-        out.update({'sage_edge.image_topic': '', 'sage_edge.compressed_image_topic': CAMERA + '/compressed'})
-    return out
+# Only the translation into launch_ros actions lives here: which nodes start, with which
+# parameter file, namespace and remappings, and every argument's meaning and error come from
+# sage_ros.node_plan.launch_nodes, which `sage-ros up` uses too and the tests run.
 
 
 def _stop_launch(node):
@@ -103,35 +46,24 @@ def _stop_launch(node):
 
 
 def _nodes(context):
-    arg = {name: LaunchConfiguration(name).perform(context) for name in ARGS}
-    names = side_nodes(arg['side'])
-    namespace = arg['namespace'].strip('/')
-    params_file = os.path.expanduser(arg['params_file']) if arg['params_file'] else None
-    if params_file and not os.path.isfile(params_file):
-        raise RuntimeError(f'launch argument params_file:={arg["params_file"]}: no such file')
-    path = os.path.join(params_dir(), f'{arg["side"]}_{os.getpid()}.yaml')
+    args = {name: LaunchConfiguration(name).perform(context) for name in LAUNCH_ARGS}
     try:
-        write_params_file(path, [EXECUTABLES[n] for n in names], namespaces={'sage_edge': namespace},
-                          params_file=params_file, overrides=_overrides(arg))
-    except (TypeError, KeyError) as exc:
-        raise RuntimeError(f'params_file:={arg["params_file"]}: {exc.args[0]}') from None
-    remap = []
-    if arg['camera_topic']:
-        remap = [(CAMERA, arg['camera_topic']), (CAMERA + '/compressed', arg['camera_topic'] + '/compressed')]
-    respawn = arg['respawn'] == 'true'
-    return [Node(package='sage_ros', executable=EXECUTABLES[n], name=EXECUTABLES[n],
-                 namespace=namespace if n == 'edge' else '', parameters=[path],
-                 remappings=remap if n == 'edge' else [], ros_arguments=['--log-level', arg['log_level']],
-                 respawn=respawn, respawn_delay=2.0, on_exit=None if respawn else _stop_launch(EXECUTABLES[n]),
-                 output='screen')
-            for n in names]
+        nodes = launch_nodes(args)
+    except LaunchArgumentError as exc:
+        raise RuntimeError(str(exc)) from None
+    respawn = args['respawn'] == 'true'
+    return [Node(package='sage_ros', executable=n.executable, name=n.executable, namespace=n.namespace,
+                 parameters=[str(n.params_file)], remappings=list(n.remappings),
+                 ros_arguments=['--log-level', n.log_level], respawn=respawn, respawn_delay=2.0,
+                 on_exit=None if respawn else _stop_launch(n.executable), output='screen')
+            for n in nodes]
 
 
 def generate_launch_description():
     config = os.path.join(get_package_share_directory('sage_ros'), 'config')
     return LaunchDescription([
         *[DeclareLaunchArgument(name, default_value=default, description=desc, choices=list(choices) if choices
-                                else None) for name, (default, desc, choices) in ARGS.items()],
+                                else None) for name, (default, desc, choices) in LAUNCH_ARGS.items()],
         # Camera frames over 512 kB need Fast DDS's larger shared-memory segment (see the file);
         # export it for the camera driver's process too.
         SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE',

@@ -8,29 +8,20 @@ down on Ctrl-C / SIGTERM or when one of them dies.
 
 from __future__ import annotations
 
-import atexit
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from sage_ros.params import FASTDDS_PROFILE, config_dir, write_params_file
+from sage_ros.node_plan import NODES, plan_nodes
+from sage_ros.params import FASTDDS_PROFILE, config_dir
 
-SIDES = ('edge', 'cloud', 'both')
-_MODULES = {
-    'router': 'sage_ros.transport.router',
-    'cloud': 'sage_ros.nodes.cloud_node',
-    'edge': 'sage_ros.nodes.edge_node',
-}
-_NODE_NAMES = {'router': 'sage_router', 'cloud': 'sage_cloud', 'edge': 'sage_edge'}
 # A process is ready when it logs this.
 _READY = {'router': 'Zenoh router', 'cloud': 'ready:', 'edge': 'ready:'}
 
@@ -61,7 +52,7 @@ class Proc:
     @property
     def node(self) -> str:
         """The ROS node name, as users know it ('sage_cloud')."""
-        return _NODE_NAMES.get(self.name, self.name)
+        return NODES[self.name][0] if self.name in NODES else self.name
 
 
 # rcutils' prefix of a log line: '[FATAL] [1795562371.302307116] [EdgeNode]: '.
@@ -87,25 +78,6 @@ def _why(lines: list[str]) -> str:
     return _LOG_PREFIX.sub('', text[-1]) if text else 'no output'
 
 
-def params_dir() -> Path:
-    """A directory of this process for the parameter files it writes, removed at exit."""
-    global _PARAMS_DIR
-    if _PARAMS_DIR is None:
-        _PARAMS_DIR = Path(tempfile.mkdtemp(prefix='sage_ros_params_'))
-        atexit.register(shutil.rmtree, _PARAMS_DIR, True)
-    return _PARAMS_DIR
-
-
-_PARAMS_DIR: Path | None = None
-
-
-def side_nodes(side: str) -> list[str]:
-    """The processes of one side, in start order: router and cloud for 'cloud', edge for 'edge'."""
-    if side not in SIDES:
-        raise ValueError(f'side must be one of {", ".join(SIDES)}, got {side!r}')
-    return {'edge': ['edge'], 'cloud': ['router', 'cloud'], 'both': ['router', 'cloud', 'edge']}[side]
-
-
 def plan(
     side: str = 'both',
     *,
@@ -113,26 +85,14 @@ def plan(
     directory: Path | None = None,
     overrides: dict[str, Any] | None = None,
     params_file: Path | None = None,
+    camera_topic: str = '',
     python: str = sys.executable,
 ) -> list[Proc]:
-    """The processes of one side, each given one parameter file written by
-    :func:`sage_ros.params.write_params_file` (the shipped YAML, ``params_file``, then
-    ``overrides``), exactly as the launch file gives it to them. ``namespace`` is the edge's."""
-    names = side_nodes(side)
-    directory = directory or config_dir()
-    namespaces = {'sage_edge': namespace}
-    nodes = [_NODE_NAMES[n] for n in names]
-    fd, path = tempfile.mkstemp(prefix=f'{side}_', suffix='.yaml', dir=params_dir())
-    os.close(fd)
-    write_params_file(Path(path), nodes, namespaces=namespaces, directory=directory, params_file=params_file,
-                      overrides=overrides or {})
-    procs = []
-    for name in names:
-        args = ['--ros-args', '--params-file', path]
-        if name == 'edge' and namespace:
-            args += ['-r', f'__ns:=/{namespace.strip("/")}']
-        procs.append(Proc(name, [python, '-m', _MODULES[name], *args]))
-    return procs
+    """The processes of one side: :func:`sage_ros.node_plan.plan_nodes`, each node run with
+    ``python -m`` and the ``--ros-args`` the launch file's ``Node`` actions get."""
+    return [Proc(n.key, [python, '-m', n.module, *n.ros_args()])
+            for n in plan_nodes(side, namespace=namespace, directory=directory or config_dir(), overrides=overrides,
+                                params_file=params_file, camera_topic=camera_topic)]
 
 
 class Bringup:

@@ -169,7 +169,8 @@ def _client_class() -> type:
     return BenchClient
 
 
-def _set_eta(client: Any, eta: float) -> None:
+def set_edge_eta(client: Any, eta: float) -> None:
+    """Set the running edge node's eta through its parameter services (as `ros2 param set` does)."""
     from rclpy.parameter import Parameter
     from rclpy.parameter_client import AsyncParameterClient
 
@@ -202,7 +203,7 @@ def _measure(client: Any, eta: float, frames: list[np.ndarray], *, seconds: floa
 
     ``before``: the (edge, cloud) counters at the start, if known (the last round's end).
     """
-    _set_eta(client, eta)
+    set_edge_eta(client, eta)
     if before is None:
         t = time.monotonic()
         before = client.fresh_report('/sage_edge: stats', t), client.fresh_report('/sage_cloud: stats', t)
