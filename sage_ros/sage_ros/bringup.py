@@ -22,8 +22,10 @@ from typing import Any, Callable, TextIO
 from sage_ros.node_plan import NODES, plan_nodes
 from sage_ros.params import FASTDDS_PROFILE, config_dir
 
-# A process is ready when it logs this.
-_READY = {'router': 'Zenoh router', 'cloud': 'ready:', 'edge': 'ready:'}
+# A process is ready when it logs this at INFO level (never a FATAL line that names the same
+# thing: 'cannot start the Zenoh router ...' is not ready).
+_READY = {name: re.compile(r'^\[INFO\] \[[\d.]+\] \[[^\]]*\]: ' + marker) for name, marker in
+          (('router', r'Zenoh router \S+ up '), ('cloud', 'ready: '), ('edge', 'ready: '))}
 
 
 def dds_defaults(directory: Path | None = None) -> dict[str, str]:
@@ -106,6 +108,8 @@ class Bringup:
             self._env['SAGE_ROS_CONFIG_DIR'] = str(directory)
         self._env.setdefault('PYTHONUNBUFFERED', '1')
         self._env.setdefault('RCUTILS_COLORIZED_OUTPUT', '0')
+        # The relay reads readiness and failures from rcutils' lines: their format is ours to fix.
+        self._env['RCUTILS_CONSOLE_OUTPUT_FORMAT'] = '[{severity}] [{time}] [{name}]: {message}'
         self._log = log
         self._log_lock = threading.Lock()
 
@@ -126,11 +130,18 @@ class Bringup:
         for line in popen.stdout:
             line = line.rstrip('\n')
             p.lines.append(line)
-            if _READY[p.name] in line:
+            if _READY[p.name].search(line):
                 p.ready.set()
-            if self._log is not None:
-                with self._log_lock:
-                    print(f'[{p.name}] {line}', file=self._log, flush=True)
+            self.say(f'[{p.name}] {line}')
+
+    def say(self, text: str) -> None:
+        """One whole line on the log: the relays of several processes and the supervisor
+        write to it at once, so each line is one write under one lock."""
+        if self._log is None:
+            return
+        with self._log_lock:
+            self._log.write(text + '\n')
+            self._log.flush()
 
     def failure(self, p: Proc) -> str:
         """One line: how ``p`` ended and why, from its last error line (e.g. 'sage_cloud exited
@@ -154,10 +165,10 @@ class Bringup:
             while not p.ready.wait(0.1):
                 if stop is not None and stop.is_set():
                     return False
-                # Any of them, not only p: the edge may fail while the cloud still loads.
+                # Any of them, not only p, ready or not: the edge may fail while the cloud
+                # still loads, and the router may stop after its start.
                 for q in self.dead():
-                    if not q.ready.is_set():
-                        raise RuntimeError(self.failure(q))
+                    raise RuntimeError(self.failure(q))
                 if time.monotonic() > deadline:
                     raise TimeoutError(f'{p.node} not ready after {timeout:.0f} s')
         return True
@@ -215,20 +226,20 @@ def run_up(procs: list[Proc], *, directory: Path | None = None,
     try:
         bring.start()
         if bring.wait_ready(stop=stop):
-            print(f'sage-ros up: {", ".join(p.node for p in procs)} running; Ctrl-C stops', file=sys.stderr, flush=True)
+            bring.say(f'sage-ros up: {", ".join(p.node for p in procs)} running; Ctrl-C stops')
             if on_ready:
                 on_ready()
             while not stop.wait(0.5):
                 dead = bring.dead()
                 if dead:
-                    print(f'sage-ros up: {bring.failure(dead[0])}', file=sys.stderr, flush=True)
+                    bring.say(f'sage-ros up: {bring.failure(dead[0])}')
                     code = 1
                     break
     except RuntimeError as exc:
-        print(f'sage-ros up: {exc}', file=sys.stderr, flush=True)
+        bring.say(f'sage-ros up: {exc}')
         code = 2 if any(p.popen is not None and p.popen.returncode == 2 for p in procs) else 1
     except TimeoutError as exc:
-        print(f'sage-ros up: {exc}', file=sys.stderr, flush=True)
+        bring.say(f'sage-ros up: {exc}')
         code = 1
     finally:
         bring.stop()
