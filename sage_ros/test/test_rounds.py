@@ -94,8 +94,9 @@ def test_round_one_store_is_bounded_and_per_robot():
         store.put(f'r/{i}', 'r', tok, np.arange(4), more=8)
     assert len(store) == 3 and store.evicted == 2
     assert store.take('r/0', 'r', [9])[0] is None  # evicted: round 2 is refused
+    # Keyed by its owner: under another robot's key the id is simply unknown, and stays kept.
     state, why = store.take('r/4', 'other', [9])
-    assert state is None and 'another robot' in why
+    assert state is None and 'unknown request' in why and len(store) == 3
     assert store.take('r/4', 'r', list(range(10, 19)))[1].startswith('second round of 9 patches')
     assert 'repeats' in store.take('r/3', 'r', [2])[1]
     state, why = store.take('r/2', 'r', [10, 11])
@@ -104,6 +105,27 @@ def test_round_one_store_is_bounded_and_per_robot():
     store.put('r/9', 'r', tok, np.arange(4), more=8, ttl_s=0.2)
     now[0] = 0.3
     assert store.take('r/9', 'r', [10])[0] is None and store.expired == 1
+
+
+def test_round_one_state_is_its_robots_alone():
+    """Another robot's round 1 under the same request id neither replaces nor reaches it, and a
+    robot asking many cannot push another's state out of the full store."""
+    now = [0.0]
+    store = RoundOneStore(max_entries=4, ttl_s=5.0, clock=lambda: now[0])
+    mine, theirs = np.zeros((4, 16, 16, 3), np.uint8), np.full((8, 16, 16, 3), 255, np.uint8)
+    store.put('robot1/7-ab', 'robot1', mine, np.arange(4), more=8)
+    store.put('robot1/7-ab', 'intruder', theirs, np.arange(100, 108), more=8)  # robot1's id, another key
+    assert store.kept_tokens('robot1/7-ab', 'robot1') == 4 and store.kept_tokens('robot1/7-ab', 'intruder') == 8
+    for i in range(10):  # the intruder fills the store
+        store.put(f'x/{i}', 'intruder', theirs, np.arange(8), more=8)
+    assert len(store) == 4 and store.evicted == 8
+    state, why = store.take('robot1/7-ab', 'robot1', [50, 51])
+    assert why == '' and state.indices.tolist() == [0, 1, 2, 3] and (state.patches == 0).all()
+    # Expiry, in order of each entry's own time, without scanning the rest.
+    store.put('robot1/8-cd', 'robot1', mine, np.arange(4), more=8, ttl_s=0.5)
+    now[0] = 1.0
+    assert store.take('robot1/8-cd', 'robot1', [9])[0] is None
+    assert store.expired == 1 and len(store) == 3  # the intruder's, 5 s each, are still kept
 
 
 def _measured_monitor(now: list[float]) -> UplinkMonitor:

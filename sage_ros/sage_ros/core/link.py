@@ -532,11 +532,20 @@ class UplinkMonitor:
             self._reanchor(self._clock())
             return r if r is not None and r.waiting else None
 
-    def answered(self, request_id: str, server_s: float, compute_s: float = 0.0) -> Request | None:
-        """An answer arrived (in time or late: both measure the link).
+    def expects(self, request_id: str) -> bool:
+        """Is ``request_id`` one we sent and still know? A dict lookup: answers are checked
+        with it before anything costly, so a burst of forged ones cannot stall real ones."""
+        with self._lock:
+            return request_id in self._sent
+
+    def answered(self, request_id: str, server_s: float, compute_s: float = 0.0, *,
+                 computed: bool = True) -> Request | None:
+        """An answer arrived (in time or late: both measure the link); its window slot is free.
 
         Returns the request when this answer is the one its frame waits for, else None (a late
-        answer, a probe, or an id never sent: the caller must not act on those).
+        answer, a probe, or an id never sent: the caller must not act on those). ``computed``
+        False: the cloud answered without running its model (BUSY): the exchange measures the
+        link, not the server's time.
         """
         with self._lock:
             r = self._sent.pop(request_id, None)
@@ -550,8 +559,8 @@ class UplinkMonitor:
             start = max(r.t, self._link_free_seen)
             self._link_free_seen = max(self._link_free_seen, now - max(0.0, server_s) - self.link.base_rtt_s)
             # The cloud's time grows with the patches it classified: the union, for a second round.
-            ex = Exchange(r.request_bytes, r.tokens if r.patches > 0 else 0, r.payload_bytes, now - start, server_s,
-                          compute_s)
+            ex = Exchange(r.request_bytes, r.tokens if r.patches > 0 and computed else 0, r.payload_bytes, now - start,
+                          server_s, compute_s)
             self.answered_count += 1
             self._learn(ex)
             if not math.isnan(r.due) and r.patches > 0:
@@ -559,7 +568,7 @@ class UplinkMonitor:
                 # estimate errors and other robots' load at the cloud.
                 late = now - r.due
                 self._cloud_free_at += late
-                if r.waiting:  # in time; a late one is a miss, handled by the back-off
+                if r.waiting and computed:  # in time; a late one is a miss, handled by the back-off
                     self._lateness.append((now, late))
             self._reanchor(now)
             claimed, r.waiting = r.waiting, False

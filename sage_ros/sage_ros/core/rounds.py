@@ -11,6 +11,7 @@ time, until the second round comes (:class:`RoundOneStore`).
 from __future__ import annotations
 
 import collections
+import heapq
 import math
 import threading
 import time
@@ -151,10 +152,12 @@ class RoundOne:
 
 
 class RoundOneStore:
-    """Round-one state by request id, bounded in entries and in time. Thread-safe.
+    """Round-one state by robot and request id, bounded in entries and in time. Thread-safe.
 
-    Full, the oldest entry goes: its robot's second round is then rejected (unknown request)
-    and the robot keeps the cloud's round-one answer, which it already has.
+    Keyed by its owner: a request of another robot, even under the same id, neither finds nor
+    replaces it. Full, the robot holding the most entries loses its oldest (a robot asking
+    many cannot push out another's one): that robot's second round is then rejected (unknown
+    request) and it keeps the cloud's round-one answer, which it already has.
     """
 
     def __init__(self, max_entries: int = 64, ttl_s: float = 2.0, *, clock: Callable[[], float] | None = None
@@ -164,7 +167,12 @@ class RoundOneStore:
         self.max_entries, self.ttl_s = max_entries, ttl_s
         self._clock = clock or time.monotonic
         self._lock = threading.Lock()
-        self._entries: collections.OrderedDict[str, RoundOne] = collections.OrderedDict()
+        self._entries: dict[tuple[str, str], RoundOne] = {}
+        # Each robot's request ids, oldest first: which entry goes when the store is full.
+        self._by_robot: dict[str, collections.OrderedDict[str, None]] = {}
+        # (expires, put number, key): the next to expire first (stale once replaced or taken).
+        self._expiry: list[tuple[float, int, tuple[str, str]]] = []
+        self._puts = 0
         self.evicted = 0
         self.expired = 0
 
@@ -176,43 +184,67 @@ class RoundOneStore:
 
     def put(self, request_id: str, robot: str, patches: np.ndarray, indices: np.ndarray, more: int,
             ttl_s: float | None = None) -> None:
-        """Keep a request's tokens for at most ``ttl_s`` (default: the store's)."""
+        """Keep ``robot``'s tokens of ``request_id`` for at most ``ttl_s`` (default: the store's)."""
         with self._lock:
             now = self._clock()
-            self._entries.pop(request_id, None)
-            self._entries[request_id] = RoundOne(robot, patches, np.asarray(indices, np.int64), int(more),
-                                                 now + min(self.ttl_s, ttl_s or self.ttl_s))
+            key = (robot, request_id)
+            self._remove(key)
+            expires = now + min(self.ttl_s, ttl_s or self.ttl_s)
+            self._entries[key] = RoundOne(robot, patches, np.asarray(indices, np.int64), int(more), expires)
+            self._by_robot.setdefault(robot, collections.OrderedDict())[request_id] = None
+            self._puts += 1
+            heapq.heappush(self._expiry, (expires, self._puts, key))
             self._trim(now)
 
     def take(self, request_id: str, robot: str, indices: ArrayLike) -> tuple[RoundOne | None, str]:
-        """Round 1 of ``request_id`` for a second round from ``robot`` adding ``indices``:
-        (state, '') and the state is removed (a second round is answered once), or (None, why).
-
-        Another robot's request is refused and left in place for its own robot.
-        """
+        """Round 1 of ``robot``'s ``request_id`` for a second round adding ``indices``: (state,
+        '') and the state is removed (a second round is answered once), or (None, why)."""
         new = np.asarray(indices, dtype=np.int64).reshape(-1)
         with self._lock:
             self._trim(self._clock())
-            state = self._entries.get(request_id)
+            state = self._remove((robot, request_id))
             if state is None:
                 return None, 'second round of an unknown request (never asked, expired or evicted)'
-            if state.robot != robot:
-                return None, 'second round of another robot\'s request'
-            del self._entries[request_id]
         if new.size > state.more:
             return None, f'second round of {new.size} patches, {state.more} were asked for'
         if np.isin(new, state.indices).any():
             return None, 'second round repeats patches of round 1'
         return state, ''
 
+    def kept_tokens(self, request_id: str, robot: str) -> int:
+        """Tokens kept for ``robot``'s ``request_id`` (0 if none): what its round 2 adds to."""
+        with self._lock:
+            state = self._entries.get((robot, request_id))
+            return 0 if state is None else int(state.indices.size)
+
+    def _remove(self, key: tuple[str, str]) -> RoundOne | None:
+        state = self._entries.pop(key, None)
+        if state is not None:
+            mine = self._by_robot[key[0]]
+            del mine[key[1]]
+            if not mine:
+                del self._by_robot[key[0]]
+        return state
+
     def _trim(self, now: float) -> None:
-        # Entries are in insertion order and expiries grow with it (up to per-entry ttl_s):
-        # scan all, since a short ttl_s may follow a long one.
-        for rid in [rid for rid, e in self._entries.items() if e.expires <= now]:
-            del self._entries[rid]
-            self.expired += 1
+        while self._expiry:
+            expires, _, key = self._expiry[0]
+            state = self._entries.get(key)
+            live = state is not None and state.expires == expires
+            if live and expires > now:
+                break
+            heapq.heappop(self._expiry)
+            if live:
+                self._remove(key)
+                self.expired += 1
+        if len(self._expiry) > 2 * len(self._entries) + 64:  # taken or replaced ones pile up: rebuild
+            self._expiry = [e for e in self._expiry if (s := self._entries.get(e[2])) is not None and
+                            s.expires == e[0]]
+            heapq.heapify(self._expiry)
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            # Rare (the store is full): the robot holding the most gives up its oldest.
+            robot = max(self._by_robot, key=lambda r: len(self._by_robot[r]))
+            self._remove((robot, next(iter(self._by_robot[robot]))))
             self.evicted += 1
 
     def __len__(self) -> int:

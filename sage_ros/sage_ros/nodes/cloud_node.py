@@ -9,14 +9,18 @@ A request the server is unsure about (its own uncertainty at or above ``eta_clou
 take a second round: the answer asks for more patches (STATUS_MORE, with the round-1 answer)
 and the round-1 tokens wait, bounded, for the robot's round 2; the union is classified.
 
-Intake only queues: each robot has a bounded queue of its own, served in turn, so a robot that
-floods sheds its own requests (answered BUSY after reading just their ids) and the others keep
-their share. A worker takes batches of up to ``max_batch`` requests, validates and decodes
-each, runs the server model once on the batch, and answers every request exactly once.
+Intake only reads a request's head (its id, size and deadline) and queues it: each robot has a
+bounded queue of its own, and the server's time is shared between robots by tokens
+(:mod:`sage_ros.core.scheduler`), so a robot that floods sheds its own requests (answered BUSY)
+and the others keep their share. A request whose answer could not come before the deadline its
+robot stated is answered BUSY at once, never computed. A worker takes batches of up to
+``max_batch`` requests, validates and decodes each, runs the server model on the batch, and
+answers every request exactly once.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -34,13 +38,15 @@ from sage_ros.core.labels import class_name
 from sage_ros.core.offload import size_groups
 from sage_ros.core.request import RequestLimits
 from sage_ros.core.rounds import RoundOneStore, cloud_roi
-from sage_ros.core.scheduler import FairScheduler
+from sage_ros.core.scheduler import LATE, Dropped, FairScheduler
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path
+from sage_ros.preflight import check_device
 from sage_ros.serving import LocalBackend, ServerBackend
-from sage_ros.transport.wire import RejectedRequest, decode_request, peek_request_id
+from sage_ros.transport.wire import PATCH_SET_TYPE, RejectedRequest, decode_request
+from sage_ros.typestore import typestore
 
 __all__ = ['CloudNode', 'RejectedRequest', 'decode_request', 'main']
 
@@ -53,6 +59,10 @@ SPECS = {
     'max_queue': Spec('requests waiting at most, all robots; the longest queue sheds BUSY', int_range=(1, 10_000)),
     'max_queue_per_robot': Spec('requests one robot may have waiting; its oldest is shed BUSY',
                                 int_range=(1, 10_000)),
+    'robot_idle_s': Spec('a robot\'s share state is forgotten after this long with nothing queued, s',
+                         float_range=(0.1, 86_400.0)),
+    'max_robots': Spec('robots whose share state is kept at most; the longest idle is forgotten first',
+                       int_range=(1, 1_000_000)),
     'max_batch': Spec('requests per server forward at most', int_range=(1, 1024)),
     'precision': Spec('server model arithmetic: fp32, or fp16/bf16 autocast (GPUs)', read_only=True,
                       choices=('fp32', 'fp16', 'bf16')),
@@ -86,6 +96,12 @@ class _Request:
     data: bytes
     reply: Callable[[bytes], None]
     received_ns: int
+    head: Any = None
+    """The parsed message, for its id, size and deadline (None: unparseable, the worker rejects it)."""
+    tokens: int = 1
+    """Tokens the server model classifies for it (its patches, round 1's for a round 2, and CLS)."""
+    deadline: float = math.inf
+    """Monotonic clock: when its answer is of no more use to its robot (inf: none stated)."""
     started_ns: int = 0
     """When the worker took it off the queue (0 while queued)."""
 
@@ -105,14 +121,16 @@ class CloudNode(Node):
                                       f'({self._backend.weights}): labels are meaningless')
         self._limits = self._request_limits()
         class_name(0)  # the class table now, not inside the first request's deadline
-        # more_asked: round-1 answers asking for a second round; second_rounds: unions answered;
-        # second_round_rejected: round-2 requests refused (unknown, expired or another robot's
-        # id, bad indices), also counted in rejected.
-        self.stats = Counters(('received', 'answered', 'rejected', 'shed', 'errors', 'probes', 'batches',
+        # shed: answered BUSY for room; late: answered BUSY because the answer would come after
+        # the deadline its robot stated (never computed). more_asked: round-1 answers asking for a
+        # second round; second_rounds: unions answered; second_round_rejected: round-2 requests
+        # refused (unknown or expired for that robot, bad indices), also counted in rejected.
+        self.stats = Counters(('received', 'answered', 'rejected', 'shed', 'late', 'errors', 'probes', 'batches',
                                'more_asked', 'second_rounds', 'second_round_rejected'))
         self._round_one = RoundOneStore(p['round_one_max'], p['round_one_ttl_s'])
-        self._scheduler: FairScheduler[_Request] = FairScheduler(max_queue=p['max_queue'],
-                                                                  per_robot=p['max_queue_per_robot'])
+        self._scheduler: FairScheduler[_Request] = FairScheduler(
+            max_queue=p['max_queue'], per_robot=p['max_queue_per_robot'], idle_s=p['robot_idle_s'],
+            max_robots=p['max_robots'])
         self._running = True
         self._zenoh = None
         if p['transport'] == 'zenoh':
@@ -142,7 +160,8 @@ class CloudNode(Node):
         CounterDiagnostics(self, lambda: {**self.stats.snapshot(), 'queued': len(self._scheduler),
                                           'round_one_kept': len(self._round_one),
                                           'round_one_evicted': self._round_one.evicted},
-                           hardware_id='cloud', warn_on=('rejected', 'shed', 'errors'), extra=self._robots_status)
+                           hardware_id='cloud', warn_on=('rejected', 'shed', 'late', 'errors'),
+                           extra=self._robots_status)
         self._worker = threading.Thread(target=self._work, name='sage_cloud_worker', daemon=True)
         self._worker.start()
         self.get_logger().info(f'ready: {p["model"]} ({self._backend.weights}), max budget {p["max_budget"]}, '
@@ -158,13 +177,17 @@ class CloudNode(Node):
                               device=p['device'], num_threads=p['num_threads'], precision=p['precision'],
                               max_batch=p['max_batch'],
                               batch_wait_ms=p['batch_wait_ms'])
+        # Before the model loads: a GPU that is not there is one line, not torch's traceback.
+        # (Ray replicas run on other hosts, which check their own device.)
+        check_device('sage_cloud device', p['device'])
         return LocalBackend(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'],
                             precision=p['precision'])
 
     def _on_params_set(self, params: list[Any]) -> None:
         self._params = p = {**self._params, **{q.name: q.value for q in params}}
         self._limits = self._request_limits()
-        self._scheduler.configure(max_queue=p['max_queue'], per_robot=p['max_queue_per_robot'])
+        self._scheduler.configure(max_queue=p['max_queue'], per_robot=p['max_queue_per_robot'],
+                                  idle_s=p['robot_idle_s'], max_robots=p['max_robots'])
         self._round_one.configure(max_entries=p['round_one_max'], ttl_s=p['round_one_ttl_s'])
 
     def _request_limits(self) -> RequestLimits:
@@ -174,42 +197,76 @@ class CloudNode(Node):
         return RequestLimits(rows, cols, patch, size, p['max_budget'], p['max_payload_bytes'])
 
     def _robots_status(self) -> DiagnosticStatus:
-        """Per-robot counters: what each robot sent, got served and had shed."""
-        depth = self._scheduler.depth()
-        values = [KeyValue(key=f'{robot or "(none)"}', value=f'queued {c.queued} served {c.served} shed {c.shed} '
-                           f'waiting {depth.get(robot, 0)}')
-                  for robot, c in sorted(self._scheduler.counts.items())]
-        shedding = any(c.shed for c in self._scheduler.counts.values())
+        """The fleet in a few lines, whatever its size: totals, and the robots most shed and
+        busiest since the last report (a snapshot: intake goes on meanwhile)."""
+        f = self._scheduler.summary()
+
+        def top(robots: list[tuple[str, int]]) -> str:
+            return ', '.join(f'{robot or "(none)"} {n}' for robot, n in robots) or '-'
+
+        values = {'robots': f.tracked, 'robots_waiting': f.active, 'robots_seen': f.seen,
+                  'robots_forgotten': f.forgotten, 'queued': f.queued, 'served': f.served, 'shed': f.shed,
+                  'late': f.late, 'server_ms_per_token': f'{f.s_per_token * 1e3:.3f}',
+                  'most_shed': top(f.most_shed), 'busiest': top(f.busiest)}
         return DiagnosticStatus(level=DiagnosticStatus.OK, name=f'{self.get_fully_qualified_name()}: robots',
-                                message='ok' if not shedding else 'some robots over their share',
-                                hardware_id='cloud', values=values)
+                                message='some robots over their share' if f.most_shed else 'ok',
+                                hardware_id='cloud', values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
 
     # --- intake ---------------------------------------------------------------------------
     def _enqueue(self, robot: str, data: bytes, reply: Callable[[bytes], None]) -> None:
         self.stats.add('received')
-        for shed in self._scheduler.offer(robot, _Request(robot, bytes(data), reply, time.time_ns())):
-            self.stats.add('shed')
-            # Read only the id: the intake must stay cheap during the overload it handles.
-            rid = peek_request_id(shed.data)
-            if rid is not None:
-                self._send(shed, self._answer(shed, None, CloudResult.STATUS_BUSY, 'overloaded', request_id=rid))
+        req = _Request(robot, bytes(data), reply, time.time_ns())
+        self._read_head(req)
+        for dropped in self._scheduler.offer(robot, req, cost=req.tokens, deadline=req.deadline):
+            self._answer_dropped(dropped)
+
+    def _read_head(self, req: _Request) -> None:
+        """What scheduling needs: the message parsed (not validated, the payload not decoded;
+        rosbags checks every length against the buffer), its tokens and its deadline."""
+        try:
+            msg = typestore().deserialize_cdr(req.data, PATCH_SET_TYPE)
+        except Exception:  # noqa: BLE001 - malformed: queued as it is, and the worker says why
+            return
+        req.head = msg
+        if msg.method == PatchSet.METHOD_PROBE:
+            return
+        cap = self._params['max_budget']
+        kept = self._round_one.kept_tokens(str(msg.request_id), req.robot) if int(msg.round) == 2 else 0
+        req.tokens = min(len(msg.indices), cap) + min(kept, cap) + 1
+        left_ms = float(msg.deadline_left_ms)
+        # 0: no deadline stated (an edge that predates it); negative: already past.
+        if math.isfinite(left_ms) and left_ms != 0.0:
+            req.deadline = time.monotonic() + left_ms / 1e3
+
+    def _answer_dropped(self, dropped: Dropped[_Request]) -> None:
+        req = dropped.item
+        late = dropped.reason == LATE
+        self.stats.add('late' if late else 'shed')
+        if req.head is not None:  # unparseable: there is nobody to answer
+            self._send(req, self._answer(req, req.head, CloudResult.STATUS_BUSY,
+                                         'late: the answer would come after the deadline' if late else 'overloaded'))
 
     def _work(self) -> None:
         while self._running:
             p = self._params
-            batch = self._scheduler.take(p['max_batch'], wait_s=p['batch_wait_ms'] / 1e3)
-            if not batch:
+            taken = self._scheduler.take(p['max_batch'], wait_s=p['batch_wait_ms'] / 1e3)
+            for dropped in taken.dropped:
+                self._answer_dropped(dropped)
+            if not taken.items:
                 continue
+            t0 = time.monotonic()
+            tokens = 0
             try:
-                self._handle([req for _, req in batch])
+                tokens = self._handle([req for _, req in taken.items])
             except Exception as exc:  # the node outlives any batch; every request still gets its answer
-                self.stats.add('errors', len(batch))
+                self.stats.add('errors', len(taken.items))
                 self.get_logger().error(f'batch failed: {exc}', throttle_duration_sec=5.0)
-                for _, req in batch:
-                    rid = peek_request_id(req.data)
-                    if rid is not None:
-                        self._send(req, self._answer(req, None, CloudResult.STATUS_ERROR, f'server error: {exc}',
-                                                     request_id=rid))
+                for _, req in taken.items:
+                    if req.head is not None:
+                        self._send(req, self._answer(req, req.head, CloudResult.STATUS_ERROR, f'server error: {exc}'))
+            # The server's seconds per token: how the scheduler tells which requests can still
+            # be answered in time.
+            self._scheduler.served(tokens, time.monotonic() - t0)
 
     # --- one batch --------------------------------------------------------------------------
     def _reject(self, req: _Request, why: str, msg: Any = None) -> None:
@@ -221,7 +278,8 @@ class CloudNode(Node):
         if msg is not None:
             self._send(req, self._answer(req, msg, CloudResult.STATUS_REJECTED, why))
 
-    def _handle(self, reqs: list[_Request]) -> None:
+    def _handle(self, reqs: list[_Request]) -> int:
+        """Answer each of ``reqs``; returns the tokens the server model classified."""
         now = time.time_ns()
         valid: list[tuple[_Request, Any, np.ndarray, np.ndarray]] = []
         for req in reqs:
@@ -237,7 +295,7 @@ class CloudNode(Node):
                 self._send(req, self._answer(req, msg, CloudResult.STATUS_PROBE, 'probe'))
                 continue
             if int(msg.round) == 2:
-                # The union with round 1's tokens, which only the robot that sent round 1 may extend.
+                # The union with round 1's tokens, kept for the robot that sent round 1 only.
                 state, why = self._round_one.take(str(msg.request_id), req.robot, indices)
                 if state is None:
                     self._reject(req, why, msg)
@@ -250,8 +308,21 @@ class CloudNode(Node):
             valid.append((req, msg, indices, patches))
         # One forward per group of similar sizes, smallest first, each answered at once: a
         # small request never waits for, or pays the padding of, a big one in its batch.
+        tokens = 0
         for group in size_groups([int(v[2].size) for v in valid]):
-            self._serve([valid[i] for i in group])
+            # Each group's turn is known now: a request it would answer after its deadline is
+            # answered BUSY instead, and not computed.
+            done = time.monotonic() + self._scheduler.predict_s(sum(int(valid[i][2].size) + 1 for i in group))
+            ready = []
+            for i in group:
+                if valid[i][0].deadline < done:
+                    self._answer_dropped(Dropped(valid[i][0].robot, valid[i][0], LATE))
+                else:
+                    ready.append(valid[i])
+            if ready:
+                self._serve(ready)
+                tokens += sum(int(v[2].size) + 1 for v in ready)
+        return tokens
 
     def _serve(self, valid: list[tuple[_Request, Any, np.ndarray, np.ndarray]]) -> None:
         p = self._params
@@ -300,15 +371,14 @@ class CloudNode(Node):
         # Kept until round 2 comes or the robot's deadline passes, whichever is first.
         return more, max(0.01, left_ms / 1e3)
 
-    def _answer(self, req: _Request, msg: Any, status: int, detail: str, *, request_id: str = '') -> CloudResult:
+    def _answer(self, req: _Request, msg: Any, status: int, detail: str) -> CloudResult:
         answer = CloudResult(status=status, detail=detail, server_model=self._backend.name,
-                             server_weights=self._backend.weights, request_id=request_id)
-        if msg is not None:
-            # msg is rosbags' parse of untrusted bytes: copy its fields, typed, into our answer.
-            answer.header.stamp.sec = int(msg.header.stamp.sec)
-            answer.header.stamp.nanosec = int(msg.header.stamp.nanosec)
-            answer.header.frame_id = str(msg.header.frame_id)
-            answer.request_id, answer.robot_id = str(msg.request_id), str(msg.robot_id)
+                             server_weights=self._backend.weights)
+        # msg is rosbags' parse of untrusted bytes: copy its fields, typed, into our answer.
+        answer.header.stamp.sec = int(msg.header.stamp.sec)
+        answer.header.stamp.nanosec = int(msg.header.stamp.nanosec)
+        answer.header.frame_id = str(msg.header.frame_id)
+        answer.request_id, answer.robot_id = str(msg.request_id), str(msg.robot_id)
         answer.received_stamp.sec, answer.received_stamp.nanosec = divmod(req.received_ns, 10**9)
         answer.started_stamp.sec, answer.started_stamp.nanosec = divmod(req.started_ns or req.received_ns, 10**9)
         return answer
