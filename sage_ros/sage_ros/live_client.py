@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -25,12 +26,19 @@ def stamp_ns(stamp: Any) -> int:
     return int(stamp.sec) * 10**9 + int(stamp.nanosec)
 
 
+class EdgeNotFound(ConnectionError):
+    """No edge node subscribed to the camera topic in time; the message says where we looked."""
+
+
 class LiveClient(Node):
-    """Publishes camera frames and matches each OffloadResult to its frame by header stamp."""
+    """Publishes camera frames and matches each OffloadResult to its frame by header stamp.
+
+    Relative topic names resolve in ``namespace``, as the edge node's do in its own (a robot's
+    namespace given to ``sage-ros up --namespace``)."""
 
     def __init__(self, *, image_topic: str = '/camera/image_raw', result_topic: str = '/sage/result',
-                 name: str = 'sage_live_client', context: Context | None = None) -> None:
-        super().__init__(name, context=context)
+                 name: str = 'sage_live_client', namespace: str = '', context: Context | None = None) -> None:
+        super().__init__(name, namespace='/' + namespace.strip('/'), context=context)
         # An executor of our own: works with any context and never competes with the global one.
         self._executor = SingleThreadedExecutor(context=self.context)
         self._executor.add_node(self)
@@ -58,6 +66,25 @@ class LiveClient(Node):
                 return True
             self._executor.spin_once(timeout_sec=0.05)
         return False
+
+    @property
+    def image_topic(self) -> str:
+        """The camera topic, resolved ('/robot1/camera/image_raw')."""
+        return self._pub.topic_name
+
+    def require_edge(self, timeout: float) -> None:
+        """:meth:`wait_for_edge`, raising :class:`EdgeNotFound` (one line: where we looked, and
+        where an edge does listen when one does so in another namespace) when none came."""
+        if self.wait_for_edge(timeout):
+            return
+        topic = self.image_topic
+        tail = topic.rsplit('/', 2)[-2:]
+        elsewhere = sorted(name for name, _ in self.get_topic_names_and_types()
+                           if name != topic and name.split('/')[-2:] == tail and self.count_subscribers(name) > 0)
+        hint = (f'; an edge listens on {", ".join(elsewhere)} (--namespace)' if elsewhere else
+                '; is the system up (sage-ros up), on this ROS_DOMAIN_ID '
+                f'({os.environ.get("ROS_DOMAIN_ID", "0")}) and namespace?')
+        raise EdgeNotFound(f'no edge node subscribed to {topic} within {timeout:g} s{hint}')
 
     def spin_until_future_complete(self, future: Future, timeout: float = 10.0) -> None:
         self._executor.spin_until_future_complete(future, timeout_sec=timeout)

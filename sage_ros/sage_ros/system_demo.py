@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from sage_ros.bringup import Bringup, isolate_dds, plan
-from sage_ros.images import LabeledImage, read_rgb
+from sage_ros.images import ImageReader, LabeledImage, format_skipped
 
 
 def free_port() -> int:
@@ -29,6 +29,10 @@ def isolated_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
         out['zenoh_listen'] = endpoint
         out['zenoh_connect'] = endpoint
     return out
+
+
+class SystemStartError(ConnectionError):
+    """A node of the demo's system could not start; the message (one line) says which and why."""
 
 
 def run_system_demo(
@@ -57,28 +61,38 @@ def run_system_demo(
     client = None
     try:
         bring.start()
-        bring.wait_ready()
+        try:
+            bring.wait_ready()
+        except (RuntimeError, TimeoutError) as exc:  # its own one line: which node ended, and why
+            raise SystemStartError(str(exc)) from None
         client = LiveClient(image_topic=edge_params['image_topic'],
                             result_topic='/' + edge_params['result_topic'].lstrip('/'), context=context)
-        if not client.wait_for_edge():
-            raise RuntimeError('the edge node did not subscribe to the camera topic')
+        client.require_edge(30.0)
         emit(f'publishing {len(images)} frames on {edge_params["image_topic"]}')
+        # answer: who labelled the frame (edge, cloud, fallback); H: the edge's min-entropy (the gate's
+        # default score); sent: the request's patches (p) and bytes; detail: e.g. why it fell back.
+        emit(f'{"image":<28} {"answer":<8} {"H bits":>6} {"sent":>16} {"latency":>8}  label (confidence)'
+             '  [detail; truth]  request id')
         rows = []
         timeout = edge_params['deadline_ms'] / 1e3 + 30.0
-        for item in images:
-            res = client.classify(read_rgb(item.path), timeout=timeout)
+        reader = ImageReader(images, emit=emit)
+        for item, rgb in reader:
+            res = client.classify(rgb, timeout=timeout)
             if res is None:
                 emit(f'{item.path.name:<28} NO RESULT within {timeout:.0f} s')
                 rows.append((item, None))
                 continue
             src = SOURCE_NAMES.get(res.source, '?')
-            extra = f' {res.patches_sent} patches {res.bytes_sent} B' if res.patches_sent else ''
-            why = f' ({res.detail})' if res.detail else ''
-            truth = f' truth {class_name(item.label)!r}' if item.label is not None else ''
-            emit(f'{item.path.name:<28} {res.request_id:<18} {src:<8} {res.label_name!r} ({res.confidence:.3f}) '
-                 f'H={res.min_entropy:.2f}{extra} {res.latency_ms:.0f} ms{why}{truth}')
+            sent = f'{res.patches_sent} p {res.bytes_sent} B' if res.patches_sent else '-'
+            notes = [res.detail] if res.detail else []
+            if item.label is not None:
+                notes.append(f'truth {class_name(item.label)!r}')
+            emit(f'{item.path.name:<28} {src:<8} {res.min_entropy:>6.2f} {sent:>16} {res.latency_ms:>5.0f} ms  '
+                 f'{res.label_name!r} ({res.confidence:.3f})  {"[" + "; ".join(notes) + "]  " if notes else ""}'
+                 f'{res.request_id}')
             rows.append((item, res))
         summary = summarize(rows)
+        summary['skipped'] = list(reader.skipped)
         emit(format_summary(summary, random_weights=any(r is not None and r.random_weights for _, r in rows)))
         return summary
     finally:
@@ -117,6 +131,9 @@ def _pct(values: list[float]) -> str:
 def format_summary(s: dict[str, Any], *, random_weights: bool) -> str:
     lines = [f'summary: {s["frames"]} frames, {s["results"]} results: {s["edge"]} edge, {s["cloud"]} cloud, '
              f'{s["fallback"]} fallback']
+    skipped = format_skipped(s.get('skipped', ()))
+    if skipped:
+        lines.append(skipped)
     if s['bytes_per_request']:
         b = np.array(s['bytes_per_request'])
         p = np.array(s['patches_per_request'])

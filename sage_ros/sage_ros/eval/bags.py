@@ -310,6 +310,12 @@ class ResultBagWriter:
             self._open = False
             self._writer.close()
 
+    def discard_if_empty(self) -> None:
+        """Close, and remove the bag when nothing was written to it (a run that failed at its start)."""
+        self.close()
+        if self.count == 0:
+            shutil.rmtree(self.path, ignore_errors=True)
+
     def __enter__(self) -> ResultBagWriter:
         return self
 

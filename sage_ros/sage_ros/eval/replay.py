@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -43,23 +44,28 @@ def replay_offline(bag: Path, edge: dict[str, Any], cloud: dict[str, Any], *, ou
     """
     from rclpy.serialization import serialize_message
 
-    from sage_ros.demo import run_demo
-
     stamps: list[int] = []
+    bag_frames = read_image_bag(bag, limit=limit)  # a bag that cannot be read fails here, before the models load
 
     def frames():
-        for f in read_image_bag(bag, limit=limit):
+        for f in bag_frames:
             stamps.append(f.stamp_ns)
             yield (f.source or f'frame{f.index}'), f.rgb, f.label
 
     writer = ResultBagWriter(out, storage=storage) if out else None
     try:
+        from sage_ros.demo import run_demo
+
         def record(frame: Any) -> None:
             if writer is not None:
                 seq = len(stamps) - 1
                 writer.write(stamps[-1], serialize_message(_result_msg(frame, stamps[-1], seq, edge)))
 
         done = run_demo(frames(), edge, cloud, emit=emit, on_frame=record)
+    except BaseException:
+        if writer is not None:
+            writer.discard_if_empty()  # a run that failed before its first frame leaves no bag behind
+        raise
     finally:
         if writer is not None:
             writer.close()
@@ -68,27 +74,40 @@ def replay_offline(bag: Path, edge: dict[str, Any], cloud: dict[str, Any], *, ou
     return done
 
 
+def fallback_reasons(results: Iterable[Any]) -> Counter[str]:
+    """How many edge fallbacks each reason (the result's ``detail``) caused."""
+    from sage_ros_msgs.msg import OffloadResult
+
+    return Counter(r.detail or 'no reason given' for r in results if r.source == OffloadResult.SOURCE_EDGE_FALLBACK)
+
+
 def replay_live(bag: Path, *, rate: float = 1.0, out: Path | None = None, storage: str = 'mcap',
-                image_topic: str = '/camera/image_raw', result_topic: str = '/sage/result',
-                wait_s: float = 5.0, limit: int = 0, emit: Callable[[str], None] = print) -> dict[str, Any]:
+                image_topic: str = 'camera/image_raw', result_topic: str = 'sage/result', namespace: str = '',
+                wait_s: float = 5.0, wait_edge_s: float = 10.0, limit: int = 0,
+                emit: Callable[[str], None] = print) -> dict[str, Any]:
     """Publish the bag's frames on the camera topic of a running system at the recorded rate
     times ``rate`` (0: as fast as the system answers, one frame at a time), keeping their
-    recorded stamps; record every OffloadResult into ``out``. Frames and results pair by stamp."""
+    recorded stamps; record every OffloadResult into ``out``. Frames and results pair by stamp.
+
+    Relative topics resolve in ``namespace`` (the robot's). An edge node that does not subscribe
+    within ``wait_edge_s`` raises :class:`~sage_ros.live_client.EdgeNotFound`."""
+    total = count_frames(bag)  # a bag that cannot be read fails before anything starts
+    total = min(total, limit) if limit else total
     import rclpy
     from rclpy.serialization import serialize_message
 
     from sage_ros.live_client import SOURCE_NAMES, LiveClient
 
-    context = rclpy.Context()
-    rclpy.init(context=context)
-    client = LiveClient(image_topic=image_topic, result_topic=result_topic, context=context, name='sage_replay')
     writer = ResultBagWriter(out, storage=storage) if out else None
+    context = rclpy.Context()
+    client = None
     try:
-        if not client.wait_for_edge():
-            raise RuntimeError(f'no edge node subscribed to {image_topic} (is the system up?)')
-        total = count_frames(bag)
-        total = min(total, limit) if limit else total
-        emit(f'replaying {total} frames onto {image_topic} ({"paced" if rate > 0 else "one at a time"})')
+        rclpy.init(context=context)
+        client = LiveClient(image_topic=image_topic, result_topic=result_topic, namespace=namespace,
+                            context=context, name='sage_replay')
+        emit(f'waiting up to {wait_edge_s:g} s for the edge node on {client.image_topic} ...')
+        client.require_edge(wait_edge_s)
+        emit(f'replaying {total} frames onto {client.image_topic} ({"paced" if rate > 0 else "one at a time"})')
         t_wall0, t_bag0, sent = time.monotonic(), None, []
         truth: dict[int, int | None] = {}
         for frame in read_image_bag(bag, limit=limit):
@@ -110,15 +129,22 @@ def replay_live(bag: Path, *, rate: float = 1.0, out: Path | None = None, storag
             for r in client.all_results:
                 writer.write(r.header.stamp.sec * 10**9 + r.header.stamp.nanosec, serialize_message(r))
         counts = {name: sum(r.source == code for r in results) for code, name in SOURCE_NAMES.items()}
+        reasons = fallback_reasons(results)
         labelled = [(truth[s], client.results[s].label) for s in sent if s in client.results and truth[s] is not None]
-        summary = {'frames': len(sent), 'results': len(results), **counts,
+        summary = {'frames': len(sent), 'results': len(results), **counts, 'fallback_reasons': dict(reasons),
                    'accuracy': float(np.mean([t == p for t, p in labelled])) if labelled else None}
+        why = f': {", ".join(f"{n} {reason}" for reason, n in reasons.most_common())}' if reasons else ''
         emit(f'replay: {summary["frames"]} frames published, {summary["results"]} results '
-             f'({counts["edge"]} edge, {counts["cloud"]} cloud, {counts["fallback"]} fallback); frames the edge '
+             f'({counts["edge"]} edge, {counts["cloud"]} cloud, {counts["fallback"]} fallback{why}); frames the edge '
              f'dropped as stale have no result' + (f'; recorded to {out}' if out else ''))
         return summary
+    except BaseException:
+        if writer is not None:
+            writer.discard_if_empty()  # e.g. no edge node: no empty bag left behind
+        raise
     finally:
         if writer is not None:
             writer.close()
-        client.destroy_node()
+        if client is not None:
+            client.destroy_node()
         rclpy.try_shutdown(context=context)

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')  # files only; no display here or on a robot
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from sage_ros.eval.sweep import CEILING, EQUAL_BYTES, FRAME_JPEG, TWO_ROUND, SweepData  # noqa: E402
 
@@ -140,13 +142,36 @@ def write_markdown(rows: Sequence[dict[str, Any]], data: SweepData, path: Path) 
     path.write_text('\n'.join(out))
 
 
-def write_plots(rows: Sequence[dict[str, Any]], data: SweepData, out_dir: Path) -> list[Path]:
+# A percentage axis whose values (nearly) coincide still shows this many points around them,
+# not matplotlib's +-5 % of the value (nothing at all at 0).
+_MIN_PERCENT_SPAN = 10.0
+
+
+def _percent_range(ax: Any) -> None:
+    """Keep a percentage axis readable when every value plotted is (about) the same."""
+    ys = np.concatenate([np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [np.zeros(0)])
+    ys = ys[np.isfinite(ys)]
+    if ys.size and ys.max() - ys.min() >= 1.0:
+        return
+    mid = float(ys.mean()) if ys.size else 50.0
+    lo = min(max(0.0, mid - _MIN_PERCENT_SPAN / 2), 100.0 - _MIN_PERCENT_SPAN)
+    pad = 0.02 * _MIN_PERCENT_SPAN  # markers at 0 or 100 are shown whole
+    ax.set_ylim(lo - pad, lo + _MIN_PERCENT_SPAN + pad)
+
+
+def plots(rows: Sequence[dict[str, Any]], data: SweepData) -> dict[str, Figure]:
+    """The report's plots by file name: accuracy and coverage vs the budget, accuracy vs bytes.
+    Each says its weights and frames; the legend sits beside the axes, never on the data."""
     cfg = data.config
     eta = cfg.etas[0]
     main = _main_rows(rows, data, eta)
     ref = {r['method']: r for r in rows if r['eta'] == eta and r['method'] in (CEILING, FRAME_JPEG)}
-    weights = f'edge {data.edge_weights}, server {data.server_weights}'
-    paths = []
+    any_row = main[0] if main else next(iter(ref.values()), None)
+    offloaded = f', {any_row["offloaded"]} offloaded at eta={eta:g}' if any_row else f', eta={eta:g}'
+    title = (f'{len(data.edge)} frames{offloaded}; {cfg.codecs[0]}\n'
+             f'weights: edge {data.edge_weights}, server {data.server_weights}')
+    budgets = sorted(set(cfg.budgets))
+    figs = {}
 
     def series(method: str, x: str, y: str) -> tuple[list, list]:
         pts = sorted((r[x], r[y]) for r in main if r['method'] == method)
@@ -157,7 +182,7 @@ def write_plots(rows: Sequence[dict[str, Any]], data: SweepData, out_dir: Path) 
         ('accuracy_vs_bytes.png', 'mean_bytes', 'offloaded_accuracy', 'mean bytes per request', 'offloaded accuracy (%)'),
         ('coverage_vs_budget.png', 'budget', 'coverage_7x7', 'budget B (patches)', '7x7 coverage (%)'),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4))
         for m in cfg.methods:
             xs, ys = series(m, x, y)
             ax.plot(xs, ys, marker='o', label=m)
@@ -173,14 +198,24 @@ def write_plots(rows: Sequence[dict[str, Any]], data: SweepData, out_dir: Path) 
             r = ref[FRAME_JPEG]
             ax.plot([r['mean_bytes']], [100 * r['offloaded_accuracy']], marker='*', ms=14, ls='',
                     color='black', label=f'whole frame JPEG q={r["quality"]}')
+        if x == 'budget':
+            ax.set_xticks(budgets, [str(b) for b in budgets])
+        _percent_range(ax)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f'eta={eta:g}, {cfg.codecs[0]}; {weights}', fontsize=8)
+        ax.set_title(title, fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
         fig.tight_layout()
+        figs[name] = fig
+    return figs
+
+
+def write_plots(rows: Sequence[dict[str, Any]], data: SweepData, out_dir: Path) -> list[Path]:
+    paths = []
+    for name, fig in plots(rows, data).items():
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches='tight')  # the legend beside the axes included
         plt.close(fig)
         paths.append(path)
     return paths

@@ -35,11 +35,13 @@ from sage_ros.core import (
     normalize,
     server_forward_subset,
 )
+from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import min_entropy
 from sage_ros.core.offload import classify_batch_attended, plan_second_round
 from sage_ros.core.pipeline import EdgePipeline
 from sage_ros.core.rounds import SECOND_ROUND_MODES as _ROUND_MODES
 from sage_ros.core.rounds import cloud_roi
+from sage_ros.core.selection import METHODS
 from sage_ros.eval.bags import BagFrame, bag_fingerprint, count_frames, read_image_bag
 from sage_ros.eval.cache import EdgeRecord, EvalCache, ServerRecord, context_key
 from sage_ros.eval.frame_jpeg import encode_frame_within
@@ -55,6 +57,8 @@ TWO_ROUND = 'sage_two_round'
 SECOND_ROUND_MODES = tuple(m for m in _ROUND_MODES if m != 'off')
 # Regions of interest the server names for a roi second round: its most attended patches.
 ROI_COUNT = 8
+# Patches of the 224x224 input's 14x14 grid, which the sweep's models share: the largest budget.
+GRID_PATCHES = 196
 _SERVER_BATCH = 32
 
 
@@ -140,6 +144,7 @@ class SweepConfig:
     roi_count: int = ROI_COUNT
 
     def __post_init__(self) -> None:
+        self._check_axes()
         unknown = [m for m in self.second_rounds if m not in SECOND_ROUND_MODES]
         if unknown:
             raise ValueError(f'unknown second-round modes {unknown}; choose from {", ".join(SECOND_ROUND_MODES)}')
@@ -147,6 +152,30 @@ class SweepConfig:
             raise ValueError('two-round evidence needs at least one K and one eta_cloud')
         if any(k < 0 for k in self.second_ks):
             raise ValueError(f'second-round K must be >= 0, got {list(self.second_ks)}')
+
+    def _check_axes(self) -> None:
+        """Every axis of the sweep, before anything runs: a bad value found after the edge pass
+        would cost its time."""
+        for name, values in (('methods', self.methods), ('budgets', self.budgets), ('etas', self.etas),
+                             ('codecs', self.codecs), ('prefilter ratios', self.prefilter_ratios)):
+            if not values:
+                raise ValueError(f'no {name} to sweep: give at least one')
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f'unknown methods {unknown}; choose from {", ".join(METHODS)}')
+        bad = [b for b in self.budgets if not 1 <= b <= GRID_PATCHES]
+        if bad:
+            raise ValueError(f'budgets must be 1 to {GRID_PATCHES} patches (the 14x14 grid), got {bad}')
+        unknown = sorted(set(self.codecs) - set(ENCODINGS))
+        if unknown:
+            raise ValueError(f'unknown codecs {unknown}; choose from {", ".join(ENCODINGS)}')
+        if not 1 <= self.quality <= 100:
+            raise ValueError(f'JPEG quality must be 1 to 100, got {self.quality}')
+        bad = [k for k in self.prefilter_ratios if not k >= 1.0]
+        if bad:
+            raise ValueError(f'prefilter ratios must be >= 1, got {bad}')
+        if self.limit < 0:
+            raise ValueError(f'limit must be >= 0 (0: every frame), got {self.limit}')
 
     def settings(self) -> list[Setting]:
         out = [Setting(m, b, c, self.quality) for m in self.methods for b in self.budgets for c in self.codecs]

@@ -159,7 +159,8 @@ def check_robot_ids(robots: Sequence[str]) -> None:
 
 def write_deployment(out: Path, *, robots: Sequence[str], cloud_hosts: Sequence[str], port: int = 7447,
                      listen_host: str = '0.0.0.0', force: bool = False) -> dict[str, Path]:
-    """CA, certificates, credentials and Zenoh configs for a TLS deployment (see module doc).
+    """CA, certificates, credentials and Zenoh configs for a TLS deployment (see module doc):
+    every file written, by a short name ('ca', 'ca_key', 'robot1_cert', 'robot1', ...).
 
     An existing CA in ``out`` is never replaced without ``force``: every certificate it signed
     would stop working.
@@ -177,7 +178,8 @@ def write_deployment(out: Path, *, robots: Sequence[str], cloud_hosts: Sequence[
     with os.fdopen(fd, 'w') as fh:
         fh.writelines(f'{u}:{p}\n' for u, p in passwords.items())
     host = cloud_hosts[0] if cloud_hosts else '127.0.0.1'
-    files = {'ca': ca.cert, 'credentials': creds}
+    files = {'ca': ca.cert, 'ca_key': ca.key, 'cloud_cert': cloud.cert, 'cloud_key': cloud.key,
+             'credentials': creds}
     router = {
         'mode': 'router',
         'listen': {'endpoints': [f'tls/{listen_host}:{port}']},
@@ -205,7 +207,9 @@ def write_deployment(out: Path, *, robots: Sequence[str], cloud_hosts: Sequence[
 
     files['cloud'] = _write_json(out / 'zenoh_cloud.json5', client(CLOUD_NAME, cloud))
     for r in robots:
-        files[r] = _write_json(out / f'zenoh_{r}.json5', client(r, issue(ca, out, r)))
+        issued = issue(ca, out, r)
+        files[f'{r}_cert'], files[f'{r}_key'] = issued.cert, issued.key
+        files[r] = _write_json(out / f'zenoh_{r}.json5', client(r, issued))
 
     # The lighter alternative: TLS authenticates the cloud only, robots log in with a password.
     router_pw = json.loads(json.dumps(router))

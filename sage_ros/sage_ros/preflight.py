@@ -1,0 +1,63 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Checks of settings that cannot work, made before anything slow starts (a model load, a
+bring-up, an edge pass), each failing with one line that names the setting and the cause."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sage_ros.core.errors import SageError
+
+
+class UnusableSetting(SageError, ValueError):
+    """A parameter or argument that cannot work here; the message names it and says why."""
+
+
+def weights_file(weights: str) -> Path | None:
+    """The local file ``weights`` names, or None for the sources that are not files (random,
+    random:SEED, hub, hf-hub:ORG/NAME). Mirrors how the model loaders read the setting."""
+    text = str(weights).strip()
+    if not text or text in ('random', 'hub') or text.startswith(('random:', 'hf-hub:')):
+        return None
+    return Path(os.path.expanduser(text))
+
+
+def check_weights(what: str, weights: str) -> None:
+    """Refuse weights that name a file which is not there (``what``: 'sage_edge weights')."""
+    path = weights_file(weights)
+    if path is not None and not path.is_file():
+        raise UnusableSetting(f'{what}: checkpoint file {str(path)!r} not found (weights: a checkpoint or .onnx '
+                              'file, hub, hf-hub:ORG/NAME, or random[:SEED])')
+
+
+def check_device(what: str, device: str) -> None:
+    """Refuse a torch device this machine does not have ('cuda' without a GPU, 'cuda:3' with
+    two). torch is imported only for a device other than the CPU."""
+    text = str(device).strip()
+    if text == 'cpu':
+        return
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UnusableSetting(f'{what}: {text!r} is not a torch device (cpu, cuda, cuda:N)') from None
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            why = 'this torch is built without CUDA' if torch.version.cuda is None else 'no CUDA GPU is visible'
+            raise UnusableSetting(f'{what}: {text!r} but {why}; use device cpu')
+        if dev.index is not None and dev.index >= count:
+            raise UnusableSetting(f'{what}: {text!r} but this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})')
+    elif dev.type == 'mps' and not torch.backends.mps.is_available():
+        raise UnusableSetting(f'{what}: {text!r} but Apple\'s MPS is not available here; use device cpu')
+
+
+def check_models(edge: dict[str, Any], cloud: dict[str, Any]) -> None:
+    """What loading both models in this process needs: their weights files and devices."""
+    for node, params in (('sage_edge', edge), ('sage_cloud', cloud)):
+        check_weights(f'{node} weights', params['weights'])
+    for node, params in (('sage_edge', edge), ('sage_cloud', cloud)):
+        check_device(f'{node} device', params['device'])
