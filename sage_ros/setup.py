@@ -11,7 +11,7 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(exclude=['test']),
-    package_data={'sage_ros': ['py.typed']},
+    package_data={'sage_ros': ['py.typed'], 'sage_ros.core': ['imagenet_classes.txt']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),

@@ -98,7 +98,7 @@ def run_bench(
     emit(f'  reference: whole 224x224 frame as JPEG q=75: {np.median(whole):.0f} B')
 
     emit(f'server forward ({server_model}, batch 1) on a subset of patches:')
-    xb = normalize(crops[0], base.mean, base.std)
+    xb = torch.from_numpy(normalize(crops[0], base.mean, base.std))
     patches = xb.unfold(1, 16, 16).unfold(2, 16, 16).permute(1, 2, 0, 3, 4).reshape(196, 3, 16, 16)
     full_ms = _median_ms(lambda: server_forward_subset(base, patches, torch.arange(196)), max(5, repeat // 2))
     figures['server_B196_ms'] = full_ms

@@ -36,12 +36,17 @@ def _params(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sage_ros.demo import demo_images, image_frames, run_demo
+    from sage_ros.images import ImageReader, demo_images
+    from sage_ros.preflight import check_models
 
     edge, cloud = _params(args)
     images = demo_images(args.images, args.limit)
+    check_models(edge, cloud)
     if args.offline:
-        run_demo(image_frames(images), edge, cloud)
+        from sage_ros.demo import run_demo
+
+        reader = ImageReader(images)
+        run_demo(reader.frames(), edge, cloud, skipped=reader.skipped)
         return 0
     from sage_ros.system_demo import run_system_demo
 
@@ -52,14 +57,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.fleet:
-        from sage_ros.eval.fleet_bench import batching, flood_fairness, ray_replicas
+        from sage_ros.eval.fleet_bench import batching, fleet_scale, flood_fairness, many_prefixes, ray_replicas
 
         overrides = {'weights': args.weights, **parse_overrides(args.param)}
         check_overrides_known(overrides, NODES)
         images = args.images or Path(os.environ.get('SAGE_ROS_DATA', 'data')) / 'images'
-        flood_fairness(images, overrides=overrides)
-        batching(images, overrides=overrides)
-        ray_replicas(images)
+        parts = {'fairness': lambda: flood_fairness(images, overrides=overrides),
+                 'scale': lambda: fleet_scale(images, overrides=overrides),
+                 'prefixes': lambda: many_prefixes(images, overrides=overrides),
+                 'batching': lambda: batching(images, overrides=overrides),
+                 'ray': lambda: ray_replicas(images)}
+        for part in (args.fleet_part or list(parts)):
+            parts[part]()
+        return 0
+    if args.robot:
+        from sage_ros.eval.robot_bench import run_robot_bench
+
+        if args.param:
+            raise ValueError('-p applies to --pipeline and --fleet only')
+        log = args.log.open('w') if args.log else None
+        try:
+            run_robot_bench(args.images, edge_onnx=args.edge_onnx, log=log)
+        finally:
+            if log is not None:
+                log.close()
         return 0
     if args.pipeline:
         from sage_ros.eval.pipeline_bench import run_from_args
@@ -72,6 +93,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError('IMAGES is required (or --pipeline)')
     if args.param:
         raise ValueError('-p applies to --pipeline only')
+    if args.edge_runtimes:
+        from sage_ros.edge_bench import run_edge_runtime_bench
+
+        run_edge_runtime_bench(args.images, n_images=args.n_images, weights=args.weights,
+                               threads=tuple(args.threads))
+        return 0
     from sage_ros.bench import run_bench
 
     run_bench(args.images, n_images=args.n_images, repeat=args.repeat, weights=args.weights)
@@ -85,6 +112,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
     directory = args.config.resolve() if args.config else None
     return run_up(plan(args.side, namespace=args.namespace, directory=directory, overrides=overrides,
                        params_file=args.params_file), directory=directory)
+
+
+def _cmd_export_edge(args: argparse.Namespace) -> int:
+    from sage_ros.core.onnx_edge import FP32_TOLERANCE
+    from sage_ros.core.onnx_export import export_edge
+
+    edge = load_params('sage_edge', directory=args.config)
+    model = args.model or edge['model']
+    weights = args.weights or edge['weights']
+    result = export_edge(model, weights, args.output, int8=args.int8)
+    card = result.card
+    print(f'wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB): {card.name}, weights {card.weights}')
+    print(f'  input {card.input_size} px, crop_pct {card.crop_pct}, {card.interpolation}, mean {card.mean}, '
+          f'std {card.std}; patch {card.patch_size}, grid {card.grid[0]}x{card.grid[1]}, {card.num_classes} classes')
+    print('  ONNX Runtime vs torch, max |difference|: ' + ', '.join(
+        f'{k} {v:.1e} (tolerance {FP32_TOLERANCE[k]:.0e})' for k, v in result.max_abs_diff.items()))
+    if result.int8_path is not None:
+        print(f'wrote {result.int8_path} ({result.int8_path.stat().st_size / 1e6:.1f} MB): int8 weights '
+              '(dynamic quantisation; changes the outputs: `sage-ros bench --edge-runtimes` measures how much)')
+    print(f'on the robot: -p sage_edge.weights:={result.path.resolve()}')
+    return 0
 
 
 def _cmd_bag(args: argparse.Namespace) -> int:
@@ -110,12 +158,11 @@ def _csv(cast):
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from sage_ros.core.selection import METHODS
+    from sage_ros.eval.bags import count_frames
+
+    count_frames(args.bag)  # a missing or image-less bag, before anything heavy is imported
     from sage_ros.eval.run import run_eval, sweep_config
 
-    unknown = set(args.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f'unknown methods {sorted(unknown)}; choose from {", ".join(METHODS)}')
     edge, cloud = _params(args)
     if args.second_k is not None and not args.second_round:
         raise ValueError('--second-k applies with --second-round only')
@@ -128,14 +175,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from sage_ros.eval.bags import count_frames
+
+    count_frames(args.bag)  # a missing or image-less bag, before anything heavy is imported
     from sage_ros.eval.replay import replay_live, replay_offline
 
     edge, cloud = _params(args)
     if args.live:
         summary = replay_live(args.bag, rate=args.rate, out=args.out, storage=args.storage,
-                              image_topic=edge['image_topic'], result_topic='/' + edge['result_topic'].lstrip('/'),
-                              limit=args.limit)
+                              image_topic=edge['image_topic'], result_topic=edge['result_topic'],
+                              namespace=args.namespace, limit=args.limit, wait_edge_s=args.wait_edge)
         return 0 if summary['results'] > 0 else 1
+    if args.namespace:
+        raise ValueError('--namespace applies with --live only')
+    from sage_ros.preflight import check_models
+
+    check_models(edge, cloud)
     replay_offline(args.bag, edge, cloud, out=args.out, storage=args.storage, limit=args.limit)
     return 0
 
@@ -149,15 +204,37 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     except DeploymentError as exc:
         print(f'sage-ros certs: {exc}', file=sys.stderr)
         return 2
-    print(f'wrote a CA, certificates, keys (0600), credentials and Zenoh configs to {args.out}:')
+    print(f'wrote {len(files)} files to {args.out}: a CA, certificates, keys (0600), credentials and Zenoh configs')
     for name, path in files.items():
         print(f'  {name:<16} {path}')
     print('Keep *.key, credentials.txt and *_usrpwd.json5 private; give each robot only its own files and ca.pem.')
     return 0
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """--help names each option's default, unless its help already does or there is none to name
+    (no value, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ''
+        default = action.default
+        if (not action.option_strings or 'default' in text or default is None or default is False
+                or default is argparse.SUPPRESS or (isinstance(default, (str, list)) and not default)):
+            return text
+        shown = ','.join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        return f'{text} (default: {shown.replace("%", "%%")})'
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every subcommand's parser too (argparse makes them of the parent's class)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault('formatter_class', _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='sage-ros', description=__doc__)
+    parser = _Parser(prog='sage-ros', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
     demo = sub.add_parser('demo', help='the system end to end on real images',
                           description='Bring up router, cloud node and edge node, publish real images as '
@@ -203,14 +280,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--pipeline', action='store_true',
                        help='the pipeline benchmark instead: brings up its own router, cloud and edge '
                             '(options below)')
+    bench.add_argument('--edge-runtimes', action='store_true',
+                       help='the edge on torch vs ONNX Runtime FP32 vs int8 instead: per-frame time and resident '
+                            'memory, interleaved, as ratios to torch, and how far int8 drifts (SAGE sets, gate)')
+    bench.add_argument('--threads', type=_csv(int), default=[1, 2],
+                       help='--edge-runtimes: comma-separated thread counts (default: 1,2)')
     bench.add_argument('--fleet', action='store_true',
-                       help='the fleet cloud instead: fairness while one robot floods, answers/s by max_batch')
+                       help='the fleet cloud instead: fairness while one robot floods at 5x the measured capacity, '
+                            '100/200/500 robots, 10,000 robot keys, answers/s by max_batch, Ray replicas')
+    bench.add_argument('--fleet-part', action='append', default=[],
+                       choices=('fairness', 'scale', 'prefixes', 'batching', 'ray'),
+                       help='--fleet: run only this part (repeatable; default: all). fairness takes the cloud\'s '
+                            'model (-p sage_cloud.model:=...); scale and prefixes a DeiT-Tiny server unless -p sets one')
+    bench.add_argument('--robot', action='store_true',
+                       help='what a robot pays instead: resident memory of each process kind of sage-ros up '
+                            '(supervisor, router, cloud, edge on torch and on ONNX Runtime), a 12 MP JPEG '
+                            'frame decoded at full size vs the reduced scale the edge uses, and the camera\'s '
+                            'results per second while such frames arrive at 1 and 5 Hz (about 2 minutes)')
+    bench.add_argument('--edge-onnx', type=Path, default=None,
+                       help='--robot: the exported edge model to measure (default: export one, random weights)')
     bench.add_argument('-p', '--param', action='append', default=[], metavar='NAME:=VALUE',
                        help='--pipeline: node parameter override, ROS style (e.g. -p max_in_flight:=8)')
     from sage_ros.eval.pipeline_bench import add_arguments as add_pipeline_arguments
 
     add_pipeline_arguments(bench.add_argument_group('--pipeline options'))
     bench.set_defaults(func=_cmd_bench)
+
+    export = sub.add_parser('export-edge', help='write the edge model as ONNX, for an edge on ONNX Runtime (no torch)',
+                            description='Runs where torch is (workstation or cloud). Writes the edge\'s one pass '
+                                        '(softmax, last-layer CLS attention, patch embeddings) as a .onnx file whose '
+                                        'metadata carries what the robot needs (model, weights provenance, input '
+                                        'transform, patch grid, classes), checks it against torch, and prints how '
+                                        'to point the edge at it (sage_edge weights).')
+    export.add_argument('-o', '--output', type=Path, required=True, help='the .onnx file to write')
+    export.add_argument('--model', default=None, help='timm model (default: sage_edge model of the config)')
+    export.add_argument('--weights', default=None,
+                        help='checkpoint, hub, hf-hub:..., or random[:SEED] (default: sage_edge weights of the config)')
+    export.add_argument('--int8', action='store_true',
+                        help='also write NAME.int8.onnx, its weights quantised to int8 (ONNX Runtime dynamic quantisation)')
+    export.add_argument('--config', type=Path, default=None,
+                        help='directory holding sage_ros.yaml (default: shipped config/)')
+    export.set_defaults(func=_cmd_export_edge)
 
     bag = sub.add_parser('bag', help='record a folder of images as a rosbag2 bag with ground-truth labels',
                          description='One sensor_msgs/Image per image at --rate, and a sage_ros_msgs/FrameLabel '
@@ -242,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument('-o', '--out', type=Path, default=None, help='record the OffloadResults into this bag')
     replay.add_argument('--storage', choices=('mcap', 'sqlite3'), default='mcap', help='storage of the result bag')
     replay.add_argument('--limit', type=int, default=0, help='at most this many frames (0: all)')
+    replay.add_argument('--namespace', default='',
+                        help="live: the robot's namespace, as given to sage-ros up (e.g. robot1): its camera and "
+                             "result topics are resolved in it")
+    replay.add_argument('--wait-edge', type=float, default=10.0, metavar='SECONDS',
+                        help='live: how long to wait for the edge node to subscribe before giving up')
     _add_param_args(replay)
     replay.set_defaults(func=_cmd_replay)
 
@@ -262,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser('eval', help="sweep methods x budgets x eta over a bag: the paper's tables and plots",
                         description='Edge outputs are cached per frame and server answers per setting, so a '
                                     'rerun (or a run after Ctrl-C) only computes what is missing. Writes '
-                                    'results.csv, results.md and PNG plots into --out.')
+                                    'results.csv, results.md and PNG plots into --out. An --out folder holds one '
+                                    'sweep: the same settings again resume or repeat it, other settings are '
+                                    'refused (another --out can share the cache with --cache).')
     ev.add_argument('bag', type=Path, help='bag made by sage-ros bag (labels on /camera/label)')
     ev.add_argument('--methods', type=_csv(str), default=['sage', 'attention_topk', 'random', 'uniform_grid'],
                     help='comma-separated selection methods')
@@ -284,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument('--eta-cloud', type=_csv(float), default=[3.0], metavar='BITS',
                     help='comma-separated server min-entropy thresholds (bits) for asking for a second round '
                          '(default 3.0; the live sage_cloud eta_cloud is not read: it is off by default)')
-    ev.add_argument('--out', type=Path, required=True, help='output folder')
+    ev.add_argument('--out', type=Path, required=True, help='output folder, of this sweep only')
     ev.add_argument('--cache', type=Path, default=None, help='cache file (default: OUT/cache.sqlite)')
     ev.add_argument('--limit', type=int, default=0, help='only the first N frames (0: all)')
     ev.add_argument('--no-progress', action='store_true', help='no progress bars')
@@ -299,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (SageError, KeyError, TypeError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (SageError, KeyError, TypeError, ValueError, FileNotFoundError, FileExistsError, ConnectionError) as exc:
         print(f'sage-ros {args.command}: error: {exc}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

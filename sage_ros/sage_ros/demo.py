@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from sage_ros.core import Budget, classify_patches, load_vit
+from sage_ros.core.models import load_edge_model
 from sage_ros.core.labels import class_name
 from sage_ros.core.pipeline import EdgePipeline
-from sage_ros.images import LabeledImage, read_rgb
+from sage_ros.images import format_skipped
 from sage_ros.params import gate_config, selection_config, starting_budget
 
 
@@ -40,12 +40,6 @@ class DemoFrame:
         return self.server_label if self.server_label is not None else self.edge_label
 
 
-def image_frames(images: Iterable[LabeledImage]) -> Iterator[tuple[str, np.ndarray, int | None]]:
-    """(name, RGB, label) of image files, read one at a time."""
-    for item in images:
-        yield item.path.name, read_rgb(item.path), item.label
-
-
 def run_demo(
     frames: Iterable[tuple[str, np.ndarray, int | None]],
     edge_params: dict[str, Any],
@@ -53,23 +47,27 @@ def run_demo(
     *,
     emit: Callable[[str], None] = print,
     on_frame: Callable[[DemoFrame], None] | None = None,
+    skipped: Sequence[str] = (),
 ) -> list[DemoFrame]:
     """Classify ``frames`` (name, RGB, label) on the edge, offload the uncertain ones with the
-    core library in this process, print a line per frame and a summary."""
-    edge_vit = load_vit(edge_params['model'], edge_params['weights'], device=edge_params['device'],
-                        num_threads=int(edge_params['num_threads']))
+    core library in this process, print a line per frame and a summary. ``skipped``: names of
+    images that could not be read (filled while ``frames`` is read), counted in the summary."""
+    edge_model = load_edge_model(edge_params['model'], edge_params['weights'], runtime=edge_params['runtime'],
+                                 device=edge_params['device'], num_threads=int(edge_params['num_threads']),
+                                 int8=bool(edge_params['int8']))
+    edge = edge_model.card
     server_vit = load_vit(cloud_params['model'], cloud_params['weights'], device=cloud_params['device'])
-    if edge_vit.random_weights or server_vit.random_weights:
-        emit(f'NOTE: random weights (edge {edge_vit.weights}, server {server_vit.weights}): '
+    if edge.random_weights or server_vit.random_weights:
+        emit(f'NOTE: random weights (edge {edge.weights}, server {server_vit.weights}): '
              'labels and confidences are meaningless; the mechanics are real.')
     # The budget the live edge node starts with (auto mode: the controller's start, budget_max):
     # offline there is no link to adapt to, so every frame gets it.
     budget = Budget(starting_budget(edge_params), int(edge_params['byte_budget']))
     config = selection_config(edge_params)
     gate = gate_config(edge_params)
-    pipeline = EdgePipeline(edge_vit)
-    emit(f'edge {edge_vit.name} | server {server_vit.name} | gate {gate.gate_metric} >= {gate.eta} | '
-         f'method {config.method} B={budget.patches} | codec {config.encoding}')
+    pipeline = EdgePipeline(edge_model)
+    emit(f'edge {edge.name} ({edge_model.runtime}) | server {server_vit.name} | '
+         f'gate {gate.gate_metric} >= {gate.eta} | method {config.method} B={budget.patches} | codec {config.encoding}')
     done = []
     for name, rgb, truth in frames:
         d = pipeline.analyze(rgb, gate)
@@ -87,7 +85,7 @@ def run_demo(
         if on_frame:
             on_frame(frame)
         emit(format_frame(frame, gate.gate_metric))
-    emit(format_summary(done))
+    emit(format_summary(done, skipped))
     return done
 
 
@@ -101,10 +99,12 @@ def format_frame(f: DemoFrame, metric: str) -> str:
             f'server: {class_name(f.server_label)!r} ({f.server_conf:.3f}) [{f.server_ms:.0f} ms]')
 
 
-def format_summary(frames: list[DemoFrame]) -> str:
+def format_summary(frames: list[DemoFrame], skipped: Sequence[str] = ()) -> str:
     n = len(frames)
     off = [f for f in frames if f.offloaded]
     lines = [f'summary: {n} frames, {len(off)} offloaded ({100.0 * len(off) / max(n, 1):.0f}%)']
+    if skipped:
+        lines.append(format_skipped(skipped))
     if off:
         b = np.array([f.num_bytes for f in off])
         p = np.array([f.indices.size for f in off])
@@ -118,12 +118,3 @@ def format_summary(frames: list[DemoFrame]) -> str:
         edge_acc = np.mean([f.edge_label == f.truth for f in labeled])
         lines.append(f'  accuracy on {len(labeled)} labelled frames: final {acc:.3f}, edge only {edge_acc:.3f}')
     return '\n'.join(lines)
-
-
-def demo_images(folder: Path | None, limit: int) -> list[LabeledImage]:
-    from sage_ros.images import default_samples, list_images
-
-    if folder is None:
-        items = default_samples()
-        return items[:limit] if limit > 0 else items
-    return list_images(folder, limit=limit)

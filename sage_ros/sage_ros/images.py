@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -29,6 +30,15 @@ def default_samples() -> list[LabeledImage]:
 
     root = Path(skimage.data.__file__).parent
     return [LabeledImage(root / name) for name in DEFAULT_SAMPLES]
+
+
+def demo_images(folder: Path | None, limit: int) -> list[LabeledImage]:
+    """The images of ``sage-ros demo``: a folder's (see :func:`list_images`), or the default
+    samples; at most ``limit`` (0: all)."""
+    if folder is None:
+        items = default_samples()
+        return items[:limit] if limit > 0 else items
+    return list_images(folder, limit=limit)
 
 
 def read_labels(csv_path: Path) -> dict[str, int]:
@@ -64,3 +74,37 @@ def read_rgb(path: Path) -> np.ndarray:
     if img.ndim == 2:
         return to_rgb(img, 'mono8')
     return to_rgb(img, {3: 'bgr8', 4: 'bgra8'}[img.shape[2]])
+
+
+@dataclass
+class ImageReader:
+    """The images of a demo, read one at a time as they are iterated. A file that cannot be
+    decoded is skipped with a line saying so, and its name kept in ``skipped``: one bad file
+    in a folder must not end the run before its summary."""
+
+    images: Sequence[LabeledImage]
+    emit: Callable[[str], None] = print
+    skipped: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[LabeledImage, np.ndarray]]:
+        for item in self.images:
+            try:
+                rgb = read_rgb(item.path)
+            except (ValueError, OSError) as exc:
+                self.skipped.append(item.path.name)
+                self.emit(f'{item.path.name:<28} skipped: {exc}')
+                continue
+            yield item, rgb
+
+    def frames(self) -> Iterator[tuple[str, np.ndarray, int | None]]:
+        """(name, RGB, label) of each readable image, for :func:`sage_ros.demo.run_demo`."""
+        for item, rgb in self:
+            yield item.path.name, rgb, item.label
+
+
+def format_skipped(skipped: Sequence[str]) -> str | None:
+    """The summary line of the images a demo could not read, or None when there were none."""
+    if not skipped:
+        return None
+    names = ', '.join(skipped[:5]) + (', ...' if len(skipped) > 5 else '')
+    return f'  skipped {len(skipped)} unreadable image{"s" if len(skipped) > 1 else ""}: {names}'

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Bounded work per frame: sizes refused before decoding, byte budgets below one patch."""
+"""Bounded work per frame: sizes refused before decoding, the camera's pixel limit, JPEG frames
+decoded at the scale the model needs, byte budgets below one patch."""
 
 from __future__ import annotations
 
@@ -30,8 +31,20 @@ from sage_ros.core import (
     plan_offload,
     resize_crop,
 )
-from sage_ros.core.preprocess import MAX_ASPECT, MAX_PIXELS, MIN_SIDE
-from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, read_compressed_size
+from sage_ros.core.preprocess import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, normalize
+from sage_ros.images import list_images, read_rgb
+from sage_ros.ros_image import (
+    compressed_to_rgb,
+    decode_compressed,
+    decode_short_side,
+    image_to_rgb,
+    jpeg_reduction,
+    read_compressed_size,
+)
+
+# DeiT's eval transform (timm: 224 px, crop_pct 0.9), as the edge runs it.
+INPUT, CROP_PCT = 224, 0.9
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _chunk(kind: bytes, body: bytes) -> bytes:
@@ -153,6 +166,96 @@ def test_every_size_is_refused_or_makes_a_sound_crop(width, height):
     # The resized frame stays within 256 x (32 * 256) whatever the size.
     assert min(cmap.resized_width, cmap.resized_height) == 256
     assert max(cmap.resized_width, cmap.resized_height) <= 256 * MAX_ASPECT
+
+
+def test_the_camera_pixel_limit_refuses_larger_frames_before_decoding():
+    limit = 16_000_000  # max_frame_pixels of a 12 MP class camera
+    with pytest.raises(PreprocessError, match='image 4096x4096: 16777216 pixels exceeds max_frame_pixels 16000000'):
+        compressed_to_rgb(_compressed(_png_of_zeros(4096, 4096)), max_pixels=limit)
+    with pytest.raises(PreprocessError, match='image 4096x4000: 16384000 pixels exceeds max_frame_pixels 16000000'):
+        image_to_rgb(_raw(4096, 4000, 'mono8', 1), max_pixels=limit)
+    # At the limit, and over it without one (the core's own 50 MP ceiling still holds).
+    assert image_to_rgb(_raw(4000, 4000, 'mono8', 1), max_pixels=limit).shape == (4000, 4000, 3)
+    assert compressed_to_rgb(_compressed(_png_of_zeros(4096, 4096))).shape == (4096, 4096, 3)
+
+
+def _mosaic(images: list[np.ndarray], width: int, height: int, tiles: int = 4) -> np.ndarray:
+    """A ``width`` x ``height`` frame of real photographs at their own resolution, ``tiles`` per
+    side: detail at every scale, as in a camera frame (an upscaled photo would have none)."""
+    tw, th = width // tiles, height // tiles
+    cells = [cv2.resize(images[i % len(images)], (tw, th), interpolation=cv2.INTER_AREA) for i in range(tiles * tiles)]
+    rows = [np.concatenate(cells[r * tiles:(r + 1) * tiles], axis=1) for r in range(tiles)]
+    return np.ascontiguousarray(np.concatenate(rows, axis=0))
+
+
+@pytest.fixture(scope='module')
+def photos(imagenet_dir) -> list[np.ndarray]:
+    items = list_images(imagenet_dir / 'images')
+    return [read_rgb(items[i].path) for i in range(0, len(items), max(1, len(items) // 40))][:40]
+
+
+@pytest.mark.parametrize(('width', 'height', 'factor'), [(4056, 3040, 4), (3040, 4056, 4), (1920, 1080, 2),
+                                                          (4608, 2592, 4), (640, 480, 1)])
+def test_a_reduced_jpeg_decode_gives_the_model_the_same_crop(photos, width, height, factor):
+    side = decode_short_side(INPUT, CROP_PCT)
+    frames = [_mosaic(photos[k:] + photos[:k], width, height) for k in (0, 16)]
+    for rgb in frames:
+        ok, buf = cv2.imencode('.jpg', rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+        msg = _compressed(buf.tobytes(), 'jpeg')
+        full, full_size = decode_compressed(msg)
+        small, size = decode_compressed(msg, min_short_side=side)
+        assert full_size == size == (width, height) and full.shape == (height, width, 3)
+        assert small.shape == (height // factor, width // factor, 3)
+        crop_full, map_full = resize_crop(full, input_size=INPUT, crop_pct=CROP_PCT)
+        crop_small, map_small = resize_crop(small, input_size=INPUT, crop_pct=CROP_PCT)
+        # The same region of the frame, resized to the same size and cut at the same place ...
+        assert ((map_small.resized_width, map_small.resized_height, map_small.crop_x, map_small.crop_y)
+                == (map_full.resized_width, map_full.resized_height, map_full.crop_x, map_full.crop_y))
+        # ... and the same pixels within what two decoders differ by.
+        diff = np.abs(crop_small.astype(np.int16) - crop_full)
+        assert diff.mean() < 1.0, diff.mean()
+        x_full, x_small = (normalize(c, IMAGENET_MEAN, IMAGENET_STD) for c in (crop_full, crop_small))
+        assert np.abs(x_small - x_full).mean() < 0.02
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(MIN_SIDE, 9000), st.integers(MIN_SIDE, 9000), st.sampled_from([224, 256, 384]),
+       st.sampled_from([0.875, 0.9, 0.95, 1.0]))
+@example(4056, 3040, 224, 0.9)
+@example(2028, 1520, 224, 0.9)  # 2028 is not a multiple of 8
+@example(496 * 8, 496 * 8, 224, 0.9)  # exactly twice the side at 1/8
+def test_the_reduction_is_the_smallest_scale_that_keeps_the_side(width, height, input_size, crop_pct):
+    side = decode_short_side(input_size, crop_pct)
+    # Twice the side resize_crop scales a frame to, which is at least the model's input.
+    _, cmap = resize_crop(np.zeros((MIN_SIDE, MIN_SIDE * 2, 3), np.uint8), input_size=input_size, crop_pct=crop_pct)
+    assert side == 2 * min(cmap.resized_width, cmap.resized_height) >= 2 * input_size
+    f = jpeg_reduction(width, height, side)
+    assert f in (1, 2, 4, 8)
+    if f > 1:
+        assert width % f == 0 and height % f == 0
+        assert min(width, height) // f >= side
+    for larger in (2, 4, 8):
+        if larger > f and width % larger == 0 and height % larger == 0:
+            assert min(width, height) // larger < side
+    assert jpeg_reduction(width, height, 0) == 1  # 0: full size
+
+
+def test_a_rotated_jpeg_decoded_reduced_keeps_its_orientation_and_full_size():
+    img = Image.fromarray(np.full((1536, 2048, 3), 90, np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    buf = io.BytesIO()
+    img.save(buf, 'JPEG', exif=exif)
+    rgb, size = decode_compressed(_compressed(buf.getvalue(), 'jpeg'), min_short_side=300)
+    assert jpeg_reduction(2048, 1536, 300) == 4
+    assert rgb.shape == (512, 384, 3) and size == (1536, 2048)
+
+
+def test_a_reduced_decode_that_disagrees_with_the_header_is_refused(monkeypatch):
+    ok, buf = cv2.imencode('.jpg', np.zeros((1536, 2048, 3), np.uint8))
+    monkeypatch.setattr(cv2, 'imdecode', lambda data, flags: np.zeros((500, 512, 3), np.uint8))
+    with pytest.raises(PreprocessError, match='header says 2048x1536 but it decoded at 1/4 to 512x500'):
+        compressed_to_rgb(_compressed(buf.tobytes(), 'jpeg'), min_short_side=300)
 
 
 def test_min_payload_bytes_per_codec():

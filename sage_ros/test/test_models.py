@@ -5,12 +5,13 @@ import torch
 from safetensors.torch import save_file
 
 from sage_ros.core import WeightsError, edge_forward, load_vit, normalize, resize_crop, server_forward_subset
+from sage_ros.core.models import ModelCard, load_edge_model
 
 
 @pytest.fixture(scope='module')
 def batch(real_images, tiny):
     crops = [resize_crop(rgb, crop_pct=tiny.crop_pct)[0] for rgb in real_images[:4]]
-    return normalize(np.stack(crops), tiny.mean, tiny.std)
+    return torch.from_numpy(normalize(np.stack(crops), tiny.mean, tiny.std))
 
 
 def to_patches(x: torch.Tensor) -> torch.Tensor:
@@ -45,6 +46,34 @@ def test_edge_forward_matches_timm(tiny, batch):
         # The CLS row's patch mass: everything but CLS-to-CLS.
         assert out.attention.sum() == pytest.approx(1.0 - cls_row[0], abs=1e-5)
         assert out.attention.shape == (196,) and out.embeddings.shape == (196, 192)
+
+
+def test_edge_forward_takes_numpy_or_torch_and_the_card_describes_the_model(tiny, batch):
+    from_numpy = edge_forward(tiny, batch[:2].numpy())
+    via_model = tiny.edge_outputs(batch[:2].numpy(), 'input')
+    from_torch = edge_forward(tiny, batch[:2])
+    for a, b, c in zip(from_numpy, from_torch, edge_forward(tiny, batch[:2], embedding_source='input')):
+        np.testing.assert_array_equal(a.probs, b.probs)
+        np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    np.testing.assert_array_equal(via_model[1].embeddings, c.embeddings)
+    card = tiny.card
+    assert (card.name, card.weights, card.random_weights, card.embed_dim) == (tiny.name, 'random:0', True, 192)
+    assert (card.mean, card.std, card.crop_pct, card.grid) == (tiny.mean, tiny.std, tiny.crop_pct, tiny.grid)
+    assert ModelCard.from_json(card.to_json()) == card
+    with pytest.raises(WeightsError, match='not a sage_ros model card'):
+        ModelCard.from_json('{"name": "x"}', source='f.onnx')
+
+
+def test_torch_models_are_named_by_the_runtime_free_module(tiny):
+    import sage_ros.core.models as models
+    import sage_ros.core.torch_models as torch_models
+
+    assert models.load_vit is torch_models.load_vit and models.VitModel is torch_models.VitModel
+    with pytest.raises(AttributeError):
+        models.no_such_thing  # noqa: B018
+    vit = load_edge_model('deit_tiny_patch16_224', 'random:0')
+    assert isinstance(vit, torch_models.VitModel) and vit.runtime == 'torch'
+    assert torch.equal(vit.model.head.weight, tiny.model.head.weight)
 
 
 def test_embedding_sources(tiny, batch):
@@ -130,3 +159,14 @@ def test_unloadable_weights_fail_with_instructions(tmp_path, monkeypatch):
         load_vit('deit_tiny_patch16_224', '')
     with pytest.raises(WeightsError, match='unknown timm model'):
         load_vit('no_such_model', 'random')
+
+
+def test_the_shipped_class_names_are_timms():
+    """The edge names classes from the package's table (no timm on a robot): the same as timm's."""
+    from timm.data import ImageNetInfo
+
+    from sage_ros.core.labels import class_name, class_names
+
+    info = ImageNetInfo('imagenet-1k')
+    assert class_names() == tuple(info.index_to_description(i).split(',')[0].strip() for i in range(1000))
+    assert class_name(281) == 'tabby' and class_name(1000) == 'class_1000' and class_name(-1) == 'class_-1'

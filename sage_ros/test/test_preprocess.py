@@ -2,7 +2,6 @@
 import cv2
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from timm.data import create_transform
 
@@ -18,7 +17,9 @@ def test_matches_timm_eval_transform_on_odd_sizes(tiny, real_images, size):
     rgb = cv2.resize(real_images[3], size, interpolation=cv2.INTER_AREA)
     crop, cmap = resize_crop(rgb, input_size=224, crop_pct=tiny.crop_pct, interpolation=tiny.interpolation)
     ours = normalize(crop, tiny.mean, tiny.std)
-    torch.testing.assert_close(ours, timm_eval(tiny, rgb), atol=1e-6, rtol=0)
+    # The same tensor, bit for bit, from numpy alone.
+    assert isinstance(ours, np.ndarray) and ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_array_equal(ours, timm_eval(tiny, rgb).numpy())
     assert crop.shape == (224, 224, 3)
     assert (cmap.source_width, cmap.source_height) == size
     assert min(cmap.resized_width, cmap.resized_height) == int(224 / tiny.crop_pct)
@@ -81,3 +82,16 @@ def test_tiny_frames_are_upscaled():
     crop, cmap = resize_crop(np.full((3, 5, 3), 200, np.uint8))
     assert crop.shape == (224, 224, 3) and (crop == 200).all()
     assert cmap.resized_height == 256
+
+
+def test_normalize_batches_and_refuses_what_is_not_a_uint8_rgb_crop(tiny, real_images):
+    crops = np.stack([resize_crop(rgb, crop_pct=tiny.crop_pct)[0] for rgb in real_images[:3]])
+    batch = normalize(crops, tiny.mean, tiny.std)
+    assert batch.shape == (3, 3, 224, 224)
+    np.testing.assert_array_equal(batch[1], normalize(crops[1], tiny.mean, tiny.std))
+    view = crops[0]
+    view.flags.writeable = False  # a read-only view is copied, never written
+    normalize(view, tiny.mean, tiny.std)
+    for bad in (crops[0].astype(np.float32), crops[0][:, :, :2], crops[0, 0]):
+        with pytest.raises(PreprocessError, match='expected uint8'):
+            normalize(bad, tiny.mean, tiny.std)

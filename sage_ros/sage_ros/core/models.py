@@ -1,68 +1,69 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Vision transformers of the edge and the cloud, built with timm.
+"""The edge model, whichever runtime runs it.
 
-The edge forward returns, from one pass, the softmax, the last layer's CLS-to-patch
-attention averaged over heads (computed explicitly: timm's fused attention never
-materialises the weights) and patch embeddings. The server forward runs the model on a
-subset of patch tokens only, each with its own position embedding, plus the prefix tokens.
+What one edge pass yields (:class:`EdgeOutput`: softmax, last-layer CLS-to-patch attention
+averaged over heads, patch embeddings), what the robot must know about a model to feed it and
+cut patches for the cloud (:class:`ModelCard`), and which runtime loads a model's weights
+(:func:`load_edge_model`): torch and timm for a checkpoint, ``hub`` or ``random``; ONNX Runtime
+for a ``.onnx`` file written by ``sage-ros export-edge``.
+
+This module imports neither torch nor onnxruntime: each is imported when a model of its
+runtime is loaded. The torch models (``VitModel``, ``load_vit``, ``edge_forward``,
+``server_forward_subset``) live in :mod:`sage_ros.core.torch_models` and are importable from
+here as before; the name is resolved, and torch imported, on first use.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+import json
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import timm
-import torch
-from timm.data import resolve_data_config
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from sage_ros.core.errors import WeightsError
 from sage_ros.core.preprocess import CropMap, resize_crop
 
-EmbeddingSource = Literal['final', 'input']
+if TYPE_CHECKING:
+    from sage_ros.core.torch_models import VitModel, edge_forward, load_vit, server_forward_subset  # noqa: F401
+
+EMBEDDING_SOURCES: tuple[str, ...] = ('final', 'input')
+RUNTIMES = ('auto', 'torch', 'onnxruntime')
+ONNX_SUFFIX = '.onnx'
 
 WEIGHTS_HELP = (
     'Set weights to a local checkpoint file (.pth/.pt/.bin from timm or the DeiT repository, or '
     '.safetensors), to "hub" (timm downloads the pretrained weights from the Hugging Face hub; '
     'needs network access; HF_HUB_OFFLINE=1 uses an already filled cache), to "hf-hub:ORG/NAME", '
     'or to "random" / "random:SEED" for seeded random weights (tests and offline demos only: '
-    'their labels are meaningless).'
+    'their labels are meaningless). The edge also takes a .onnx file written by '
+    '`sage-ros export-edge`, which runs on ONNX Runtime without torch.'
 )
 
 
-@dataclass
-class VitModel:
-    """A timm ViT in eval mode, with where its weights came from and its input config."""
+@dataclass(frozen=True)
+class ModelCard:
+    """What a runtime needs besides the weights: provenance, the input transform and the patch
+    geometry. An exported edge model carries it in its ONNX metadata."""
 
-    model: VisionTransformer
     name: str
+    """timm model name."""
     weights: str
+    """Where the weights came from: a checkpoint path, ``hub:NAME``, ``hf-hub:...`` or ``random:SEED``."""
     random_weights: bool
-    data_config: dict[str, Any] = field(repr=False)
+    input_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    patch_size: int
+    grid: tuple[int, int]
+    num_classes: int
+    embed_dim: int
 
     @property
-    def mean(self) -> tuple[float, float, float]:
-        return tuple(self.data_config['mean'])  # type: ignore[return-value]
-
-    @property
-    def std(self) -> tuple[float, float, float]:
-        return tuple(self.data_config['std'])  # type: ignore[return-value]
-
-    @property
-    def input_size(self) -> int:
-        return int(self.data_config['input_size'][-1])
-
-    @property
-    def crop_pct(self) -> float:
-        return float(self.data_config['crop_pct'])
-
-    @property
-    def interpolation(self) -> str:
-        return str(self.data_config['interpolation'])
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
 
     def crop(self, rgb: np.ndarray, crop_pct: float = 0.0) -> tuple[np.ndarray, CropMap]:
         """This model's eval resize and centre crop of an RGB frame; ``crop_pct`` 0 keeps the
@@ -70,63 +71,19 @@ class VitModel:
         return resize_crop(rgb, input_size=self.input_size, crop_pct=crop_pct or self.crop_pct,
                            interpolation=self.interpolation)
 
-    @property
-    def patch_size(self) -> int:
-        return int(self.model.patch_embed.patch_size[0])
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
-
-    @property
-    def num_patches(self) -> int:
-        g = self.grid
-        return g[0] * g[1]
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.model.num_classes)
-
-
-def load_vit(name: str, weights: str, *, device: str = 'cpu', num_threads: int = 0) -> VitModel:
-    """Build timm model ``name`` and load ``weights`` (see :data:`WEIGHTS_HELP`).
-
-    Never falls back silently: weights that cannot be loaded raise :class:`WeightsError`.
-    """
-    if num_threads > 0:
-        torch.set_num_threads(num_threads)
-    if name not in timm.list_models():
-        raise WeightsError(f'unknown timm model {name!r}')
-    weights = str(weights).strip()
-    random_weights = weights == 'random' or weights.startswith('random:')
-    try:
-        if random_weights:
-            seed = int(weights.split(':', 1)[1]) if ':' in weights else 0
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                model = timm.create_model(name, pretrained=False)
-            source = f'random:{seed}'
-        elif weights == 'hub' or weights.startswith('hf-hub:'):
-            hub_name = weights if weights.startswith('hf-hub:') else name
-            model = timm.create_model(hub_name, pretrained=True)
-            source = weights if weights.startswith('hf-hub:') else f'hub:{name}'
-        elif weights:
-            path = Path(os.path.expanduser(weights))
-            if not path.is_file():
-                raise WeightsError(f'checkpoint file {str(path)!r} not found for {name}. {WEIGHTS_HELP}')
-            model = timm.create_model(name, pretrained=False)
-            timm.models.load_checkpoint(model, str(path), filter_fn=checkpoint_filter_fn)
-            source = str(path)
-        else:
-            raise WeightsError(f'no weights configured for {name}. {WEIGHTS_HELP}')
-    except WeightsError:
-        raise
-    except Exception as exc:  # timm/hub/torch raise many types; all mean "not loadable"
-        raise WeightsError(f'cannot load weights {weights!r} for {name}: {exc}. {WEIGHTS_HELP}') from exc
-    if not isinstance(model, VisionTransformer):
-        raise WeightsError(f'{name} is not a timm VisionTransformer')
-    model.eval().to(device)
-    return VitModel(model, name, source, random_weights, resolve_data_config({}, model=model))
+    @classmethod
+    def from_json(cls, text: str, *, source: str = 'model card') -> ModelCard:
+        """Parse :meth:`to_json`'s output; anything else is a :class:`WeightsError` naming ``source``."""
+        try:
+            fields = json.loads(text)
+            return cls(**{**fields, 'mean': tuple(float(v) for v in fields['mean']),
+                          'std': tuple(float(v) for v in fields['std']), 'grid': tuple(int(v) for v in fields['grid'])})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f'{source}: not a sage_ros model card ({exc}); '
+                               're-export it with `sage-ros export-edge`') from None
 
 
 @dataclass(frozen=True)
@@ -148,116 +105,67 @@ class EdgeOutput:
         return idx, self.probs[idx]
 
 
-def _last_block_with_attention(block: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Block.forward`` written out, returning the attention weights too (eval mode);
-    ``attn_mask`` is added to the attention logits, as timm's ``Attention`` does."""
-    attn_mod = block.attn
-    h = block.norm1(x)
-    b, n, _ = h.shape
-    qkv = attn_mod.qkv(h).reshape(b, n, 3, attn_mod.num_heads, attn_mod.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
-    logits = (q * attn_mod.scale) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        logits = logits + attn_mask
-    weights = logits.softmax(dim=-1)
-    out = (weights @ v).transpose(1, 2).reshape(b, n, attn_mod.attn_dim)
-    out = attn_mod.norm(out)
-    if getattr(attn_mod, 'gate', None) is not None:
-        out = out * attn_mod.gate(h).sigmoid()
-    out = attn_mod.proj(out)
-    x = x + block.ls1(out)
-    x = x + block.ls2(block.mlp(block.norm2(x)))
-    return x, weights
+class EdgeModel(Protocol):
+    """An edge model on some runtime: :class:`~sage_ros.core.torch_models.VitModel` (torch) or
+    :class:`~sage_ros.core.onnx_edge.OnnxEdgeModel` (ONNX Runtime)."""
+
+    runtime: str
+    int8: bool
+    """Weights quantised to int8 (ONNX Runtime only)."""
+
+    @property
+    def card(self) -> ModelCard: ...
+
+    def edge_outputs(self, pixels: np.ndarray, embedding_source: str = 'final') -> list[EdgeOutput]:
+        """One pass over normalised float32 pixels, (B, 3, H, W) or (3, H, W)."""
+        ...
 
 
-@torch.inference_mode()
-def edge_forward(
-    vit: VitModel, images: torch.Tensor, *, embedding_source: EmbeddingSource = 'final'
-) -> list[EdgeOutput]:
-    """One pass over a normalised (B, 3, H, W) batch (or one (3, H, W) image)."""
-    if embedding_source not in ('final', 'input'):
+def check_embedding_source(embedding_source: str) -> None:
+    if embedding_source not in EMBEDDING_SOURCES:
         raise ValueError(f"embedding_source must be 'final' or 'input', got {embedding_source!r}")
-    m = vit.model
-    x = images.unsqueeze(0) if images.ndim == 3 else images
-    x = x.to(next(m.parameters()).device, torch.float32)
-    patch_tokens = m.patch_embed(x)
-    x = m.norm_pre(m.patch_drop(m._pos_embed(patch_tokens)))
-    for blk in m.blocks[:-1]:
-        x = blk(x)
-    x, weights = _last_block_with_attention(m.blocks[-1], x)
-    x = m.norm(x)
-    logits = m.forward_head(x)
-    p = m.num_prefix_tokens
-    attention = weights[:, :, 0, p:].mean(dim=1)
-    emb = x[:, p:] if embedding_source == 'final' else patch_tokens
-    logits_np = logits.float().cpu().numpy()
-    probs_np = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    att_np = attention.float().cpu().numpy()
-    emb_np = emb.float().cpu().numpy()
-    return [EdgeOutput(logits_np[i], probs_np[i], att_np[i], emb_np[i]) for i in range(logits_np.shape[0])]
 
 
-@torch.inference_mode()
-def server_forward_subset(vit: VitModel, patches: torch.Tensor, indices: torch.Tensor,
-                          valid: torch.Tensor | None = None, *, return_attention: bool = False
-                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Logits of the model run on the given patches only.
+def edge_runtime(weights: str, runtime: str = 'auto') -> str:
+    """The runtime that runs ``weights``: ``onnxruntime`` for a .onnx file, else ``torch``;
+    ``runtime`` other than ``auto`` must agree with the weights."""
+    if runtime not in RUNTIMES:
+        raise WeightsError(f'unknown edge runtime {runtime!r}; choose from {", ".join(RUNTIMES)}')
+    is_onnx = str(weights).strip().lower().endswith(ONNX_SUFFIX)
+    if runtime == 'onnxruntime' and not is_onnx:
+        raise WeightsError(f'runtime onnxruntime needs weights that are a {ONNX_SUFFIX} file, got {weights!r}; '
+                           'write one with `sage-ros export-edge` where torch is installed')
+    if runtime == 'torch' and is_onnx:
+        raise WeightsError(f'{weights!r} is an ONNX model: it runs on ONNX Runtime (runtime auto or onnxruntime)')
+    return 'onnxruntime' if is_onnx else 'torch'
 
-    ``patches`` are normalised pixels, (M, 3, P, P) or (B, M, 3, P, P); ``indices`` their
-    row-major grid positions, (M,) or (B, M). Each token gets its own position embedding;
-    the prefix (CLS) tokens are added as in the full forward. With all N patches in grid
-    order this equals the model's normal forward.
 
-    ``valid`` (B, M) bool batches requests of different sizes: each is padded to M, and the
-    padding is masked out of every attention as a key, so no real token ever sees it (the
-    classifier reads the CLS token): each row's logits equal its own unpadded forward.
+def load_edge_model(name: str, weights: str, *, runtime: str = 'auto', device: str = 'cpu', num_threads: int = 0,
+                    int8: bool = False) -> EdgeModel:
+    """The edge model ``name`` with ``weights`` on the runtime they call for (see
+    :func:`edge_runtime`). ``int8`` quantises an ONNX model's weights at load (ONNX Runtime
+    dynamic quantisation); ``num_threads`` 0 keeps the runtime's default."""
+    chosen = edge_runtime(weights, runtime)
+    if chosen == 'torch':
+        if int8:
+            raise WeightsError('int8 applies to an ONNX Runtime edge only (weights: a .onnx file)')
+        from sage_ros.core.torch_models import load_vit
 
-    ``return_attention`` also returns the last layer's CLS-to-token attention averaged over
-    heads, (M,) or (B, M) in the order of ``indices`` (0 on padding): what the server looked at.
-    """
-    m = vit.model
-    single = patches.ndim == 4
-    if single:
-        patches, indices = patches.unsqueeze(0), indices.unsqueeze(0)
-    b, n_sel = patches.shape[:2]
-    device = next(m.parameters()).device
-    patches = patches.to(device, torch.float32)
-    idx = indices.to(device, torch.long)
-    if n_sel and (int(idx.min()) < 0 or int(idx.max()) >= vit.num_patches):
-        raise ValueError('patch index out of range')
-    # The patch embedding is a stride-P convolution: embedding each patch alone is exact.
-    tok = m.patch_embed.proj(patches.reshape(b * n_sel, *patches.shape[2:]))
-    tok = m.patch_embed.norm(tok.flatten(1).reshape(b, n_sel, -1))
-    p = m.num_prefix_tokens
-    pos = m.pos_embed
-    patch_pos = pos[:, p:] if not m.no_embed_class else pos
-    tok = tok + patch_pos[0][idx]
-    prefix = []
-    if m.cls_token is not None:
-        prefix.append(m.cls_token.expand(b, -1, -1))
-    if m.reg_token is not None:
-        prefix.append(m.reg_token.expand(b, -1, -1))
-    if prefix:
-        pre = torch.cat(prefix, dim=1)
-        if not m.no_embed_class:
-            pre = pre + pos[:, :p]
-        tok = torch.cat([pre, tok], dim=1)
-    x = m.norm_pre(tok)
-    mask = None
-    if valid is not None:
-        keep = torch.cat([torch.ones(b, p, dtype=torch.bool, device=device), valid.to(device, torch.bool)], dim=1)
-        mask = torch.zeros(b, 1, 1, keep.shape[1], device=device, dtype=x.dtype)
-        mask.masked_fill_(~keep[:, None, None, :], float('-inf'))
-    for blk in (m.blocks[:-1] if return_attention else m.blocks):
-        x = blk(x) if mask is None else blk(x, attn_mask=mask)
-    attention = None
-    if return_attention:
-        x, weights = _last_block_with_attention(m.blocks[-1], x, mask)
-        attention = weights[:, :, 0, p:].mean(dim=1)
-    x = m.norm(x)
-    logits = m.forward_head(x)
-    if not return_attention:
-        return logits[0] if single else logits
-    return (logits[0], attention[0]) if single else (logits, attention)
+        return load_vit(name, weights, device=device, num_threads=num_threads)
+    if device != 'cpu':
+        raise WeightsError(f'the ONNX Runtime edge runs on the CPU; device {device!r} applies to torch only')
+    from sage_ros.core.onnx_edge import load_onnx_edge
+
+    return load_onnx_edge(weights, name=name, num_threads=num_threads, int8=int8)
+
+
+_TORCH_NAMES = ('VitModel', 'edge_forward', 'load_vit', 'server_forward_subset')
+
+
+def __getattr__(name: str) -> Any:
+    # The torch models, imported (with torch and timm) only when asked for.
+    if name in _TORCH_NAMES:
+        from sage_ros.core import torch_models
+
+        return getattr(torch_models, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

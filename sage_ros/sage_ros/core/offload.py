@@ -4,17 +4,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from sage_ros.core.codec import decode_patches, encode_within_budget, extract_patches, min_payload_bytes
 from sage_ros.core.errors import BudgetError
-from sage_ros.core.models import EdgeOutput, VitModel, server_forward_subset
+from sage_ros.core.models import EdgeOutput
 from sage_ros.core.preprocess import normalize
 from sage_ros.core.rounds import select_second_round
 from sage_ros.core.selection import coverage, select_detailed
+
+if TYPE_CHECKING:
+    from sage_ros.core.torch_models import VitModel
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,11 @@ def classify_patches(
 
 def classify_decoded(vit: VitModel, patches: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """The server's softmax for decoded (M, P, P, 3) uint8 patches at grid positions ``indices``."""
+    # torch only here, on the cloud: the edge plans requests with this module and no torch.
+    import torch
+
+    from sage_ros.core.torch_models import server_forward_subset
+
     x = normalize(patches, vit.mean, vit.std)
     logits = server_forward_subset(vit, x, torch.from_numpy(np.asarray(indices, dtype=np.int64)))
     return torch.softmax(logits.float(), dim=-1).cpu().numpy()
@@ -157,6 +164,10 @@ def classify_batch_attended(vit: VitModel, requests: list[tuple[np.ndarray, np.n
                             attention: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
     """:func:`classify_batch`, and each request's last-layer CLS attention over its own
     tokens, (M_i,) in the order of its indices (empty arrays when ``attention`` is False)."""
+    import torch
+
+    from sage_ros.core.torch_models import server_forward_subset
+
     n = max(int(np.asarray(idx).size) for _, idx in requests)
     b, p = len(requests), vit.patch_size
     patches = np.zeros((b, n, p, p, 3), np.uint8)

@@ -2,7 +2,8 @@
 """One camera frame through the edge: crop, normalize, edge forward, gate, and the offload plan.
 
 The edge node, ``sage-ros demo --offline`` and the evaluation sweep all call this, so the three
-make the same decisions on the same frame.
+make the same decisions on the same frame, whichever runtime (torch or ONNX Runtime) runs the
+edge model.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from sage_ros.core.gate import gate_score, should_offload
-from sage_ros.core.models import EdgeOutput, VitModel, edge_forward
+from sage_ros.core.models import EdgeModel, EdgeOutput, ModelCard
 from sage_ros.core.offload import Budget, OffloadPlan, SelectionConfig, plan_offload, plan_second_round
 from sage_ros.core.preprocess import CropMap, normalize
 
@@ -59,17 +60,19 @@ class FrameDecision:
 
 
 class EdgePipeline:
-    """The per-frame work of the edge around one model. Stateless between frames."""
+    """The per-frame work of the edge around one model, on either runtime. Stateless between
+    frames."""
 
-    def __init__(self, vit: VitModel) -> None:
-        self.vit = vit
+    def __init__(self, model: EdgeModel) -> None:
+        self.model = model
+        self.card: ModelCard = model.card
 
     def crop(self, rgb: np.ndarray, crop_pct: float = 0.0) -> tuple[np.ndarray, CropMap]:
-        return self.vit.crop(rgb, crop_pct)
+        return self.card.crop(rgb, crop_pct)
 
     def forward(self, crops: np.ndarray, embedding_source: str = 'final') -> list[EdgeOutput]:
         """Edge outputs of a batch of crops, (B, S, S, 3) or one (S, S, 3)."""
-        return edge_forward(self.vit, normalize(crops, self.vit.mean, self.vit.std), embedding_source=embedding_source)
+        return self.model.edge_outputs(normalize(crops, self.card.mean, self.card.std), embedding_source)
 
     def decide(self, crop: np.ndarray, crop_map: CropMap, edge: EdgeOutput, config: GateConfig,
                forward_s: float = 0.0) -> FrameDecision:

@@ -5,6 +5,10 @@ timm's eval transform for a ViT is: resize the shorter side to ``floor(input_siz
 with bicubic (PIL, antialiased), centre crop ``input_size``, scale to [0, 1], normalise with
 mean/std. The uint8 crop is kept as well: patches are cut from it for the wire, so the cloud
 can normalise them for its own model.
+
+No torch here: numpy, OpenCV (colour conversions) and Pillow, whose antialiased resize is the
+one timm's transform runs (OpenCV's bicubic does not antialias when it shrinks, so only
+Pillow gives the same pixels).
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from typing import Sequence
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from sage_ros.core.errors import PreprocessError
@@ -164,11 +167,18 @@ def resize_crop(
 
 def normalize(
     crop: np.ndarray, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """uint8 HxWx3 (or NxHxWx3) to float CHW (NCHW): ``(x / 255 - mean) / std``."""
-    t = torch.tensor(crop, dtype=torch.uint8)  # a copy: crops may be read-only views
-    t = t.permute(*range(t.ndim - 3), t.ndim - 1, t.ndim - 3, t.ndim - 2).float().div_(255.0)
-    shape = (3, 1, 1)
-    m = torch.tensor(mean, dtype=torch.float32).view(shape)
-    s = torch.tensor(std, dtype=torch.float32).view(shape)
-    return t.sub_(m).div_(s)
+) -> np.ndarray:
+    """uint8 HxWx3 (or NxHxWx3) to float32 CHW (NCHW): ``(x / 255 - mean) / std``.
+
+    The same float32 operations, in the same order, as timm's eval transform (torchvision's
+    ``ToTensor`` then ``Normalize``), so the result is the same tensor; numpy only, so the edge
+    needs no torch for it.
+    """
+    x = np.asarray(crop)
+    if x.dtype != np.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
+        raise PreprocessError(f'expected uint8 HxWx3 or NxHxWx3, got {x.shape} {x.dtype}')
+    t = np.moveaxis(x, -1, -3).astype(np.float32, order='C')  # a copy: crops may be read-only views
+    t /= np.float32(255.0)
+    t -= np.asarray(mean, np.float32).reshape(3, 1, 1)
+    t /= np.asarray(std, np.float32).reshape(3, 1, 1)
+    return t

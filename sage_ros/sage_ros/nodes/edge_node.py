@@ -34,21 +34,23 @@ from rclpy.serialization import serialize_message
 from sage_ros_msgs.msg import BudgetStatus, CloudResult, OffloadResult, PatchSet
 from sensor_msgs.msg import CompressedImage, Image
 
-from sage_ros.core import Budget, SageError, load_vit
+from sage_ros.core import Budget, SageError
 from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import GATE_METRICS
 from sage_ros.core.labels import class_name
+from sage_ros.core.models import RUNTIMES, load_edge_model
 from sage_ros.core.link import LinkSnapshot
 from sage_ros.core.offload import OffloadPlan, check_byte_budget
 from sage_ros.core.pipeline import EdgePipeline, FrameDecision
-from sage_ros.core.preprocess import CropMap
+from sage_ros.core.preprocess import MAX_PIXELS, MIN_SIDE, CropMap
 from sage_ros.core.rounds import SECOND_ROUND_MODES
 from sage_ros.core.selection import METHODS
 from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import FASTDDS_PROFILE, config_path, gate_config, selection_config, uplink_monitor
-from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
+from sage_ros.ros_image import decode_compressed, decode_short_side, image_to_rgb, rgb_to_image_fields
+from sage_ros.transport.wire import peek_request_id
 from sage_ros.typestore import typestore
 
 SPECS = {
@@ -66,10 +68,15 @@ SPECS = {
     'max_in_flight': Spec('offloaded requests in flight at once', int_range=(1, 64)),
     'provisional_topic': Spec('edge label of offloaded frames at once ("" = off)', read_only=True),
     'max_frame_age_s': Spec('skip frames stamped longer ago than this (0 = off)', float_range=(0.0, 1e9)),
+    'max_frame_pixels': Spec('largest camera frame accepted, width x height (what the camera can send)',
+                             read_only=True, int_range=(MIN_SIDE * MIN_SIDE, MAX_PIXELS)),
     'model': Spec('timm edge model', read_only=True),
-    'weights': Spec('checkpoint path, hub, hf-hub:..., or random[:SEED]', read_only=True),
-    'device': Spec('torch device', read_only=True),
-    'num_threads': Spec('torch CPU threads (0 = default)', read_only=True, int_range=(0, 256)),
+    'weights': Spec('checkpoint path, hub, hf-hub:..., random[:SEED], or an exported .onnx', read_only=True),
+    'runtime': Spec('edge runtime: auto (.onnx weights: onnxruntime, else torch), torch or onnxruntime',
+                    read_only=True, choices=RUNTIMES),
+    'int8': Spec('ONNX Runtime only: quantise the weights to int8 at load (changes the outputs)', read_only=True),
+    'device': Spec('torch device (the ONNX Runtime edge runs on the CPU)', read_only=True),
+    'num_threads': Spec('CPU threads of the edge runtime (0 = its default)', read_only=True, int_range=(0, 256)),
     'crop_pct': Spec('eval centre-crop ratio (0 = the model\'s)', read_only=True, float_range=(0.0, 1.0)),
     'embedding_source': Spec('final or input patch embeddings', choices=('final', 'input')),
     'gate_metric': Spec('uncertainty metric of the gate', choices=tuple(GATE_METRICS)),
@@ -105,6 +112,8 @@ class _Frame:
     header: Any
     received: float
     """Edge monotonic clock at arrival: every deadline counts from here."""
+    source_size: tuple[int, int] | None = None
+    """(width, height) of a compressed frame as sent, once decoded: a JPEG is decoded smaller."""
 
 
 @dataclass
@@ -144,6 +153,9 @@ def _config_problem(p: dict[str, Any]) -> str | None:
 class EdgeNode(Node):
     """The robot side of sage_ros."""
 
+    _unknown_answer_logged = -float('inf')
+    """Monotonic clock: when an answer for an id not in flight was last logged."""
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__('sage_edge', **kwargs)
         self._running = True
@@ -156,15 +168,20 @@ class EdgeNode(Node):
         self.add_on_set_parameters_callback(self._check_budget_bounds)
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
-        vit = load_vit(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'])
-        if vit.random_weights:
-            self.get_logger().warning(f'edge model {p["model"]} runs with RANDOM weights ({vit.weights}): '
+        model = load_edge_model(p['model'], p['weights'], runtime=p['runtime'], device=p['device'],
+                                num_threads=p['num_threads'], int8=p['int8'])
+        card = model.card
+        if card.random_weights:
+            self.get_logger().warning(f'edge model {p["model"]} runs with RANDOM weights ({card.weights}): '
                                       'labels are meaningless')
-        self._pipeline = EdgePipeline(vit)
+        self._pipeline = EdgePipeline(model)
+        # A JPEG frame is decoded at 1/2, 1/4 or 1/8 when that still leaves twice the side the
+        # model's resize scales to: a 12 MP frame costs a fraction of a full decode.
+        self._decode_side = decode_short_side(card.input_size, p['crop_pct'] or card.crop_pct)
         # Load the class table and run one forward now, not inside the first frame's deadline
-        # (the first pass through torch is several times slower than the next ones).
+        # (the first pass of either runtime is several times slower than the next ones).
         class_name(0)
-        self._pipeline.forward(np.zeros((vit.input_size, vit.input_size, 3), np.uint8))
+        self._pipeline.forward(np.zeros((card.input_size, card.input_size, 3), np.uint8))
         self._robot_id = p['robot_id'] or self.get_namespace().strip('/')
         self._seq = itertools.count()
         # dropped: replaced by a newer frame while busy; lost: never reached the node (gaps in
@@ -211,7 +228,8 @@ class EdgeNode(Node):
         self._deadlines.start()
         self._uplink.start()
         self.get_logger().info(
-            f'ready: {p["model"]} ({vit.weights}), gate {p["gate_metric"]} >= {p["eta"]}, '
+            f'ready: {p["model"]} ({card.weights}) on {model.runtime}{" int8" if model.int8 else ""}, '
+            f'gate {p["gate_metric"]} >= {p["eta"]}, '
             f'{p["method"]} B={p["budget"] if p["budget_mode"] == "fixed" else "auto"}, codec {p["codec"]}, '
             f'transport {p["transport"]}, up to {p["max_in_flight"]} requests in flight')
 
@@ -354,10 +372,22 @@ class EdgeNode(Node):
         self._offer(_Frame(msg, msg.header, time.monotonic()), info, len(msg.data), self._compressed_topic)
 
     def _on_answer(self, data: bytes) -> None:
+        data = bytes(data)
+        # Before anything costly, the id alone: only an answer to a request we sent and still
+        # know is parsed. A burst of forged answers costs a lookup each (and no log line each:
+        # rclpy's logger is slow even when throttled), so the real ones keep their latency.
+        rid = peek_request_id(data)
+        if rid is None or not self._monitor.expects(rid):
+            self.stats.add('bad_answers' if rid is None else 'late_answers')
+            now = time.monotonic()
+            if now >= self._unknown_answer_logged + 5.0:
+                self._unknown_answer_logged = now
+                self.get_logger().info(f'cloud answer for an id not in flight ({rid!r}) dropped')
+            return
         try:
             # Network bytes go through rosbags' pure-Python CDR reader: rclpy's C type support
             # can crash on hostile input (found by fuzzing the cloud's side).
-            answer = typestore().deserialize_cdr(bytes(data), 'sage_ros_msgs/msg/CloudResult')
+            answer = typestore().deserialize_cdr(data, 'sage_ros_msgs/msg/CloudResult')
         except Exception as exc:  # rosbags raises several types on bad CDR
             self.stats.add('bad_answers')
             self.get_logger().warning(f'malformed cloud answer ({len(data)} B): {exc}', throttle_duration_sec=5.0)
@@ -367,8 +397,11 @@ class EdgeNode(Node):
         server_s = max(0.0, sent - received)
         compute_s = max(0.0, sent - started) if started > 0 else 0.0
         # Only an answer to a request of ours whose frame still waits is acted on: late ones
-        # and ids we never sent only count (a forged answer cannot set a label).
-        request = self._monitor.answered(str(answer.request_id), server_s, compute_s)
+        # and ids we never sent only count (a forged answer cannot set a label). Any answer
+        # frees its request's window slot at once: a BUSY one (shed, or too late for its
+        # deadline, never computed) measures the link but not the server.
+        computed = answer.status in (CloudResult.STATUS_OK, CloudResult.STATUS_MORE)
+        request = self._monitor.answered(str(answer.request_id), server_s, compute_s, computed=computed)
         if request is None:
             if answer.status != CloudResult.STATUS_PROBE:
                 self.stats.add('late_answers')
@@ -483,7 +516,11 @@ class EdgeNode(Node):
                 return
         try:
             src = frame.rgb_source
-            rgb = compressed_to_rgb(src) if isinstance(src, CompressedImage) else image_to_rgb(src)
+            if isinstance(src, CompressedImage):
+                rgb, frame.source_size = decode_compressed(src, max_pixels=p['max_frame_pixels'],
+                                                           min_short_side=self._decode_side)
+            else:
+                rgb = image_to_rgb(src, max_pixels=p['max_frame_pixels'])
             decision = self._pipeline.analyze(rgb, gate_config(p))
         except (SageError, ValueError) as exc:
             self.stats.add('rejected')
@@ -496,7 +533,7 @@ class EdgeNode(Node):
         # only an id in flight is acted on (UplinkMonitor.answered).
         rid = f'{self._robot_id or "robot"}/{seq}-{secrets.token_hex(8)}'
         result = OffloadResult(header=frame.header, request_id=rid,
-                               sequence=seq, method=p['method'], random_weights=self._pipeline.vit.random_weights,
+                               sequence=seq, method=p['method'], random_weights=self._pipeline.card.random_weights,
                                label=decision.label, edge_label=decision.label,
                                confidence=decision.confidence, min_entropy=decision.min_entropy)
         auto = p['budget_mode'] == 'auto'
@@ -530,7 +567,6 @@ class EdgeNode(Node):
             more, took_s = self._monitor.second_round_offer(arrival=frame.received, patches=int(plan.indices.size),
                                                             total_max=p['budget_max'])
             msg.second_round_max, msg.second_round_ms = more, took_s * 1e3
-            msg.deadline_left_ms = (frame.received + p['deadline_ms'] / 1e3 - time.monotonic()) * 1e3
         data = serialize_message(msg)
         self._monitor.sent(result.request_id, request_bytes=len(data), patches=int(plan.indices.size),
                            payload_bytes=plan.num_bytes, deadline=frame.received + p['deadline_ms'] / 1e3,
@@ -546,21 +582,27 @@ class EdgeNode(Node):
     def _patch_set(self, result: OffloadResult, frame: _Frame, decision: FrameDecision, plan: OffloadPlan,
                    p: dict[str, Any]) -> PatchSet:
         cmap: CropMap = decision.crop_map
-        vit = self._pipeline.vit
+        card = self._pipeline.card
+        # The geometry in the frame the camera sent: a reduced decode keeps its aspect ratio
+        # exactly, so only the source size differs (and to_source scales by it).
+        source_width, source_height = frame.source_size or (cmap.source_width, cmap.source_height)
         return PatchSet(
             header=frame.header, request_id=result.request_id, robot_id=self._robot_id,
             sequence=result.sequence, sent_stamp=self.get_clock().now().to_msg(),
-            source_width=cmap.source_width, source_height=cmap.source_height,
+            source_width=source_width, source_height=source_height,
             resized_width=cmap.resized_width, resized_height=cmap.resized_height,
             crop_x=cmap.crop_x, crop_y=cmap.crop_y, input_size=cmap.input_size,
-            patch_size=vit.patch_size, grid_rows=vit.grid[0], grid_cols=vit.grid[1],
+            patch_size=card.patch_size, grid_rows=card.grid[0], grid_cols=card.grid[1],
             budget_patches=result.budget_patches, budget_bytes=p['byte_budget'], method=p['method'],
             prefilter_ratio=float(p['prefilter_ratio']), indices=plan.indices.astype(np.uint16),
             encoding=plan.encoding, quality=plan.quality, payload=plan.payload,
-            edge_model=vit.name, edge_weights=vit.weights,
+            edge_model=card.name, edge_weights=card.weights,
             edge_topk_labels=decision.top_labels.astype(np.int32),
             edge_topk_scores=decision.top_scores.astype(np.float32),
             edge_min_entropy=result.min_entropy, eta=float(p['eta']),
+            # Both rounds state the frame's deadline: the cloud answers BUSY at once, without
+            # computing, a request it could not answer in time.
+            deadline_left_ms=(frame.received + p['deadline_ms'] / 1e3 - time.monotonic()) * 1e3,
         )
 
     # --- output -------------------------------------------------------------------------
@@ -596,7 +638,7 @@ class EdgeNode(Node):
             return
         canvas = np.ascontiguousarray(rgb[:, :, ::-1])
         for i in indices.tolist():
-            x0, y0, x1, y1 = (int(round(v)) for v in cmap.patch_box(i, self._pipeline.vit.patch_size))
+            x0, y0, x1, y1 = (int(round(v)) for v in cmap.patch_box(i, self._pipeline.card.patch_size))
             cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 255), 1)
         msg = Image(header=header, **rgb_to_image_fields(canvas[:, :, ::-1], 'bgr8'))
         self._debug_pub.publish(msg)
