@@ -5,7 +5,9 @@ bring-up, an edge pass), each failing with one line that names the setting and t
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 from sage_ros.core.errors import SageError
@@ -24,8 +26,37 @@ def weights_file(weights: str) -> Path | None:
     return Path(os.path.expanduser(text))
 
 
+_HUB_TIMEOUT_S = 3.0
+
+
+def hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> tuple[bool, str]:
+    """(whether a TCP connection to the Hugging Face hub opens within ``timeout``, its address).
+    huggingface_hub itself retries for about a minute before failing; this answers in seconds.
+    HF_HUB_OFFLINE=1 (weights already in the local cache) counts as reachable."""
+    endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+    if os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes'):
+        return True, endpoint
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == 'https' else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False, endpoint
+    return True, endpoint
+
+
 def check_weights(what: str, weights: str) -> None:
-    """Refuse weights that name a file which is not there (``what``: 'sage_edge weights')."""
+    """Refuse weights that cannot be loaded here (``what``: 'sage_edge weights'): a file that is
+    not there, or the hub when it cannot be reached."""
+    text = str(weights).strip()
+    if text == 'hub' or text.startswith('hf-hub:'):
+        ok, endpoint = hub_reachable()
+        if not ok:
+            node = what.split()[0]
+            raise UnusableSetting(f'{what}: {text!r} downloads from the Hugging Face hub ({endpoint}), which cannot be '
+                                  f'reached from here; give a checkpoint (-p {node}.weights:=/path/model.pth), '
+                                  'or --weights random for seeded random weights')
+        return
     path = weights_file(weights)
     if path is not None and not path.is_file():
         raise UnusableSetting(f'{what}: checkpoint file {str(path)!r} not found (weights: a checkpoint or .onnx '

@@ -67,6 +67,30 @@ def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
 
 
+# --- item 2: the default weights and an unreachable hub ----------------------------------------
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """A hub that cannot be reached, on any machine: nothing listens on port 9 of loopback."""
+    monkeypatch.setenv('HF_ENDPOINT', 'http://127.0.0.1:9')
+    monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+
+
+def test_demo_with_the_default_hub_weights_and_no_hub_is_one_line_at_once(no_hub, no_model_loads, capsys):
+    assert main(['demo', '--limit', '1']) == 2
+    err = one_line_error(capsys, 'demo')
+    assert "sage_edge weights: 'hub'" in err and 'cannot be reached' in err and '--weights random' in err
+
+
+def test_a_node_with_hub_weights_and_no_hub_exits_2_with_one_line(no_hub, ros_env):
+    env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9')
+    out = subprocess.run([sys.executable, '-m', 'sage_ros.nodes.edge_node', '--ros-args', '-p', 'weights:=hub',
+                          '-p', 'transport:=ros'], env=env, capture_output=True, text=True, timeout=120)
+    text = (out.stdout + out.stderr).strip()
+    assert out.returncode == 2, text
+    assert 'Traceback' not in text and 'cannot be reached' in text.splitlines()[-1], text
+
+
 # --- item 3: one line, not a traceback ----------------------------------------------------------
 
 def test_demo_with_a_missing_checkpoint_is_one_line_before_the_bring_up(no_model_loads, capsys):

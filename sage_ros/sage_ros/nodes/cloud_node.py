@@ -43,7 +43,7 @@ from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path
-from sage_ros.preflight import check_device
+from sage_ros.preflight import check_device, check_weights
 from sage_ros.serving import LocalBackend, ServerBackend
 from sage_ros.transport.wire import PATCH_SET_TYPE, RejectedRequest, decode_request
 from sage_ros.typestore import typestore
@@ -180,6 +180,7 @@ class CloudNode(Node):
         # Before the model loads: a GPU that is not there is one line, not torch's traceback.
         # (Ray replicas run on other hosts, which check their own device.)
         check_device('sage_cloud device', p['device'])
+        check_weights('sage_cloud weights', p['weights'])
         return LocalBackend(p['model'], p['weights'], device=p['device'], num_threads=p['num_threads'],
                             precision=p['precision'])
 

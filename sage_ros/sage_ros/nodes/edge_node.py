@@ -49,6 +49,7 @@ from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import FASTDDS_PROFILE, config_path, gate_config, selection_config, uplink_monitor
+from sage_ros.preflight import check_weights
 from sage_ros.ros_image import decode_compressed, decode_short_side, image_to_rgb, rgb_to_image_fields
 from sage_ros.transport.wire import peek_request_id
 from sage_ros.typestore import typestore
@@ -168,6 +169,8 @@ class EdgeNode(Node):
         self.add_on_set_parameters_callback(self._check_budget_bounds)
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
+        # Before the model loads: a missing file or an unreachable hub is one line, at once.
+        check_weights('sage_edge weights', p['weights'])
         model = load_edge_model(p['model'], p['weights'], runtime=p['runtime'], device=p['device'],
                                 num_threads=p['num_threads'], int8=p['int8'])
         card = model.card
