@@ -1,5 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Offline evaluation mechanics (random weights: accuracies are meaningless, counts are not)."""
+"""Offline evaluation mechanics (random weights: accuracies are meaningless, counts are not).
+
+The server model is DeiT-Tiny (its own seed) rather than DeiT-Base: the sweep's mechanics are
+what is tested, and a server forward then costs a fifteenth."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import pytest
 
 import sage_ros.eval.sweep as sweep_mod
 from sage_ros.cli import main
-from sage_ros.core import Budget, EdgeOutput, SelectionConfig, classify_patches, plan_offload, resize_crop
+from sage_ros.core import Budget, EdgeOutput, SelectionConfig, classify_patches, load_vit, plan_offload, resize_crop
 from sage_ros.eval.bags import labeled_images_from_folder, read_image_bag, read_results_bag, write_image_bag
 from sage_ros.eval.cache import EvalCache
 from sage_ros.eval.replay import replay_offline
@@ -20,6 +23,8 @@ from sage_ros.params import load_params
 
 METHODS = ['sage', 'attention_topk', 'random', 'uniform_grid', 'attention_threshold']
 BUDGETS = [16, 48]
+SERVER = {'sage_cloud.model': 'deit_tiny_patch16_224', 'sage_cloud.weights': 'random:1'}
+SERVER_ARGS = [arg for k, v in SERVER.items() for arg in ('-p', f'{k}:={v}')]
 
 
 @pytest.fixture(scope='module')
@@ -30,7 +35,7 @@ def bag(imagenet_dir, tmp_path_factory):
 
 
 def config(**kw):
-    ov = {'weights': 'random', 'delta': 0.004}
+    ov = {'weights': 'random', 'delta': 0.004, **SERVER}
     edge, cloud = load_params('sage_edge', overrides=ov), load_params('sage_cloud', overrides=ov)
     args = {'methods': METHODS, 'budgets': BUDGETS, 'etas': [1.0, 20.0], 'codecs': ['jpeg'],
             'prefilter_ratios': [1.0, 2.0], **kw}
@@ -112,7 +117,7 @@ def test_reports_state_the_weights_and_plots_are_pngs(swept):
         assert paths[name].read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-def test_cached_server_answers_are_what_the_core_computes(swept, bag, tiny, base):
+def test_cached_server_answers_are_what_the_core_computes(swept, bag, tiny):
     out, _, _ = swept
     cfg = config()
     frame = next(read_image_bag(bag))
@@ -124,7 +129,8 @@ def test_cached_server_answers_are_what_the_core_computes(swept, bag, tiny, base
         got = cache.server(ctx, 'sage|B48|jpeg90|k2')[frame.index]
     plan = plan_offload(crop, EdgeOutput(np.empty(0), np.empty(0), rec.attention, rec.embeddings), Budget(48),
                         SelectionConfig(method='sage', encoding='jpeg', quality=cfg.quality))
-    probs = classify_patches(base, plan.payload, 'jpeg', plan.indices)
+    server = load_vit(SERVER['sage_cloud.model'], SERVER['sage_cloud.weights'])
+    probs = classify_patches(server, plan.payload, 'jpeg', plan.indices)
     assert got.patches == plan.indices.size and got.bytes == plan.num_bytes
     assert got.label in np.argsort(-probs)[:3]  # batched vs single forward: near-ties may swap
 
@@ -157,7 +163,7 @@ def test_interrupted_sweep_resumes_and_matches(bag, tmp_path, monkeypatch, swept
 
 def test_replay_offline_records_one_result_per_frame(bag, tmp_path):
     edge = load_params('sage_edge', overrides={'weights': 'random'})
-    cloud = load_params('sage_cloud', overrides={'weights': 'random'})
+    cloud = load_params('sage_cloud', overrides={'weights': 'random', **SERVER})
     done = replay_offline(bag, edge, cloud, out=tmp_path / 'res', limit=5, emit=lambda s: None)
     results = read_results_bag(tmp_path / 'res')
     stamps = [f.stamp_ns for f in read_image_bag(bag, limit=5)]
@@ -170,7 +176,7 @@ def test_replay_offline_records_one_result_per_frame(bag, tmp_path):
 
 def test_eval_cli(bag, tmp_path, capsys):
     rc = main(['eval', str(bag), '--methods', 'sage,random', '--budgets', '16', '--weights', 'random',
-               '--out', str(tmp_path), '--limit', '3', '--no-progress'])
+               *SERVER_ARGS, '--out', str(tmp_path), '--limit', '3', '--no-progress'])
     assert rc == 0
     rows = read_csv(tmp_path / 'results.csv')
     assert {r['method'] for r in rows} == {'sage', 'random', 'all_patches', 'frame_jpeg', 'frame_equal_bytes'}

@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Offline two-round evidence in ``sage-ros eval`` (random weights: accuracies are chance level,
-so the wiring is checked by relabelling frames with the server's own answers)."""
+so the wiring is checked by relabelling frames with the server's own answers).
+
+The server model is DeiT-Tiny (its own seed) rather than DeiT-Base: the wiring is what is
+tested, and a server forward then costs a fifteenth."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from sage_ros.params import load_params
 # B=88: a second round of K=16 has room for 96 - 88 = 8 patches only.
 BUDGETS = [16, 88]
 FRAMES = 5
+SERVER = {'sage_cloud.model': 'deit_tiny_patch16_224', 'sage_cloud.weights': 'random:1'}
+SERVER_ARGS = [arg for k, v in SERVER.items() for arg in ('-p', f'{k}:={v}')]
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +38,7 @@ def bag(imagenet_dir, tmp_path_factory):
 
 
 def config(**kw):
-    ov = {'weights': 'random'}
+    ov = {'weights': 'random', **SERVER}
     edge, cloud = load_params('sage_edge', overrides=ov), load_params('sage_cloud', overrides=ov)
     args = {'methods': ['sage'], 'budgets': BUDGETS, 'etas': [1.0], 'codecs': ['jpeg'],
             # 20 bits is above log2(1000): the server never asks for more.
@@ -161,7 +166,7 @@ def test_cli_parses_the_second_round_options(swept, bag, monkeypatch, capsys):
     monkeypatch.setattr(sweep_mod, 'classify_batch_attended', None)
     cli_out = out / 'cli'
     assert main(['eval', str(bag), '--methods', 'sage', '--budgets', '16', '--eta', '1', '--weights', 'random',
-                 '--second-round', 'roi', '--second-k', '0', '--cache', str(out / 'cache.sqlite'),
+                 *SERVER_ARGS, '--second-round', 'roi', '--second-k', '0', '--cache', str(out / 'cache.sqlite'),
                  '--out', str(cli_out), '--limit', '3', '--no-progress']) == 0
     with open(cli_out / 'results.csv', newline='') as fh:
         rows = list(csv.DictReader(fh))
@@ -173,7 +178,8 @@ def test_cli_parses_the_second_round_options(swept, bag, monkeypatch, capsys):
 
 
 def test_the_readme_two_round_command_runs(bag, tmp_path):
-    """The README's `eval --second-round` line, as written, on this bag (first 3 frames)."""
+    """The README's `eval --second-round` line, as written, on this bag (first 3 frames; the
+    server model as in this module's other sweeps)."""
     readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
     line = re.search(r'\./dev sage-ros eval (\S+) (.*?) \\\n\s+(--second-round .*?)\s+#', readme)
     assert line, 'no eval --second-round command in the README'
@@ -181,7 +187,7 @@ def test_the_readme_two_round_command_runs(bag, tmp_path):
     out = argv[argv.index('--out') + 1]
     argv[argv.index('--out') + 1] = str(tmp_path / 'sweep')
     assert out.startswith('/tmp/')
-    assert main(['eval', str(bag), *argv, '--limit', '3', '--no-progress']) == 0
+    assert main(['eval', str(bag), *argv, *SERVER_ARGS, '--limit', '3', '--no-progress']) == 0
     with open(tmp_path / 'sweep' / 'results.csv', newline='') as fh:
         two = _pick(list(csv.DictReader(fh)), method=sweep_mod.TWO_ROUND)
     # continue, roi x K 16, 32 x eta_cloud 2, 3 x B 32, 48, 64, each on 3 frames

@@ -81,34 +81,5 @@ def test_budget_means_fixed_unless_budget_mode_is_given_too():
     assert load_params('sage_edge', overrides={'budget': 48, 'budget_mode': 'auto'})['budget_mode'] == 'auto'
 
 
-def test_up_runs_until_sigint_and_leaves_no_process_behind(ros_env):
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from sage_ros.system_demo import free_port
-
-    endpoint = f'tcp/127.0.0.1:{free_port()}'
-    proc = subprocess.Popen([sys.executable, '-m', 'sage_ros.cli', 'up', '--weights', 'random',
-                             '-p', f'zenoh_listen:={endpoint}', '-p', f'zenoh_connect:={endpoint}'],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    lines = []
-    try:
-        for line in proc.stderr:
-            lines.append(line)
-            if 'running; Ctrl-C stops' in line:
-                break
-        assert proc.poll() is None, ''.join(lines)
-        children = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) == 3  # router, cloud, edge
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
-        assert time.monotonic() - t0 < 10
-        for pid in children:
-            with pytest.raises(ProcessLookupError):
-                os.kill(int(pid), 0)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+# `sage-ros up` running until Ctrl-C and leaving nothing behind:
+# test_lifecycle.py::test_ctrl_c_to_the_process_group_of_up_ends_everything_cleanly.

@@ -284,15 +284,22 @@ def test_monitor_survives_every_thread_at_once():
         monitor.expire()
         monitor.next_deadline()
 
+    def enough() -> bool:
+        return len(sent) > 300 and monitor.answered_count > 300 and monitor.probes > 50
+
     threads = [threading.Thread(target=guard(f)) for f in (worker, answers, timer, deadlines)]
     for t in threads:
         t.start()
-    time.sleep(3.0)
+    # Until every entry point has run many times alongside the others (a count of events, not
+    # a span of time: a slower or busier machine takes longer to get there), or one failed.
+    hang_guard = time.monotonic() + 120
+    while not enough() and not errors and time.monotonic() < hang_guard:
+        time.sleep(0.01)
     stop.set()
     for t in threads:
         t.join()
     assert not errors, errors[:3]
-    assert len(sent) > 300 and monitor.answered_count > 300 and monitor.probes > 50
+    assert enough(), (len(sent), monitor.answered_count, monitor.probes)
 
 
 def test_a_robot_that_offloads_from_its_first_frame_still_measures_the_base_rtt():

@@ -2,7 +2,11 @@
 """Two-round evidence end to end, in separate processes fed real images: the cloud, unsure
 (eta_cloud 0: always, with random weights), asks for more patches; the edge sends them
 within budget_max and the deadline; every frame gets exactly one final result, whatever the
-link, the cloud or a hostile robot does between the rounds."""
+link, the cloud or a hostile robot does between the rounds.
+
+Nothing here depends on how fast this machine runs the models: round-1 tokens are kept far
+longer than the tests take (a long round_one_ttl_s, long deadlines), and where a deadline must
+hold one round but not two, it is set from the round trip measured first."""
 
 from __future__ import annotations
 
@@ -27,8 +31,13 @@ CLOUD = OffloadResult.SOURCE_CLOUD
 B, BUDGET_MAX, K = 32, 44, 16
 ROUND_ONE_MAX = 6
 # The cloud runs DeiT-Tiny here: the mechanics are what is tested, and it keeps the test fast.
+# Round-1 tokens are kept up to 10 min: only the count bound (round_one_max) and the requests'
+# own deadlines end them here.
 BASE = {'eta': 0.0, 'budget': B, 'budget_max': BUDGET_MAX, 'eta_cloud': 0.0,
-        'second_round_k': K, 'round_one_max': ROUND_ONE_MAX, 'sage_cloud.model': 'deit_tiny_patch16_224'}
+        'second_round_k': K, 'round_one_max': ROUND_ONE_MAX, 'round_one_ttl_s': 600.0,
+        'sage_cloud.model': 'deit_tiny_patch16_224'}
+# What a virtual robot's round 1 says is left of its deadline: longer than the test.
+LONG_MS = 600_000.0
 
 
 @pytest.fixture(scope='module')
@@ -50,7 +59,7 @@ def _counters(client: LiveClient, node: str) -> dict[str, str]:
     return found
 
 
-def _frames(client: LiveClient, images, *, timeout: float = 20.0) -> list[OffloadResult]:
+def _frames(client: LiveClient, images, *, timeout: float = 60.0) -> list[OffloadResult]:
     """One frame at a time; exactly one final result each."""
     stamps = []
     for rgb in images:
@@ -100,7 +109,7 @@ class _VirtualRobot:
             got = self._for(msg.request_id)
             return got[-1] if len(got) > seen else None
 
-    def round_one(self, rid: str, i: int = 0, *, offer: int = K, deadline_left_ms: float = 5000.0,
+    def round_one(self, rid: str, i: int = 0, *, offer: int = K, deadline_left_ms: float = LONG_MS,
                   second_round_ms: float = 0.0) -> PatchSet:
         msg = self.requests[i % len(self.requests)]
         msg.request_id, msg.round = rid, 1
@@ -118,7 +127,9 @@ class _VirtualRobot:
 
 
 def test_second_round_continue_roi_off_hostile_and_bounded(running_system, images):
-    with running_system('rounds', deadline_ms=5000.0, **BASE) as (bring, client, endpoint):
+    # A deadline far beyond two rounds here: the edge offers a second round once it has measured
+    # the link (its first answer), whatever this machine's speed.
+    with running_system('rounds', deadline_ms=20000.0, **BASE) as (bring, client, endpoint):
         # continue: round 1 measures the link; from then on the cloud asks and gets K' more.
         cont = _frames(client, images[:5])
         _check_union(cont)
@@ -166,7 +177,8 @@ def test_second_round_continue_roi_off_hostile_and_bounded(running_system, image
             ]
             for r in refused:
                 assert r is not None and r.status == CloudResult.STATUS_REJECTED, r
-            assert 'unknown request' in refused[0].detail and "another robot's" in refused[1].detail
+            # Round-1 state is keyed by robot and request id: under mallory's key alice's id is unknown.
+            assert 'unknown request' in refused[0].detail and 'unknown request' in refused[1].detail
             assert 'repeats patches of round 1' in refused[2].detail
             # The refusals did not cost alice her real second round.
             done = alice.send(alice.round_two('alice/2-bb', fresh))
@@ -192,15 +204,20 @@ def test_second_round_continue_roi_off_hostile_and_bounded(running_system, image
             for t in floods:
                 t.start()
             try:
-                under_load = _frames(client, images[:4], timeout=20.0)
-                kept = [int(_counters(client, 'sage_cloud')['round_one_kept']) for _ in range(3)]
+                under_load = _frames(client, images[:4], timeout=60.0)
+                # Until more robots asked than round_one_max holds (an event, not a span of time).
+                kept, evicted = [], 0
+                end = time.monotonic() + 120  # a hang guard
+                while not evicted and time.monotonic() < end:
+                    counters = _counters(client, 'sage_cloud')
+                    kept.append(int(counters['round_one_kept']))
+                    evicted = int(counters['round_one_evicted'])
             finally:
                 stop.set()
                 for t in floods:
                     t.join(10)
             assert all(r.source in (CLOUD, OffloadResult.SOURCE_EDGE_FALLBACK) for r in under_load)
-            assert max(kept) <= ROUND_ONE_MAX
-            assert int(_counters(client, 'sage_cloud')['round_one_evicted']) > 0
+            assert evicted > 0 and max(kept) <= ROUND_ONE_MAX, (evicted, kept)
         finally:
             alice.close()
             mallory.close()
@@ -208,22 +225,28 @@ def test_second_round_continue_roi_off_hostile_and_bounded(running_system, image
 
 
 def test_no_second_round_past_the_deadline_and_a_cloud_restart_between_rounds(running_system, images):
-    # 1.5 s each way between the robot and the router: a round takes 3 s or more.
-    with running_system('slow', relay_delay_s=1.5, deadline_ms=10000.0, **BASE) as (bring, client, endpoint):
-        first = _frames(client, images[:2], timeout=15.0)
+    # 1 s each way between the robot and the router: a round takes 2 s or more.
+    with running_system('slow', relay_delay_s=1.0, deadline_ms=60000.0, second_round='off',
+                        **BASE) as (bring, client, endpoint):
+        # One round's time here, link and models (the edge's first offloaded frame: no faster
+        # than the next): the deadlines below hold two rounds (3x), or one with room to spare
+        # but not two (1.8x: the edge plans with 85 % of it, and two rounds take about 2x).
+        one_round_ms = _frames(client, images[8:9], timeout=120.0)[0].latency_ms
+        _set(client, 'sage_edge', second_round='continue', deadline_ms=3 * one_round_ms)
+        first = _frames(client, images[:2], timeout=120.0)
         _check_union(first)
-        assert first[-1].rounds == 2, first[-1].detail  # 10 s holds two rounds
-        # 5 s holds one round but not two: the edge offers none, the cloud asks none.
+        assert first[-1].rounds == 2, first[-1].detail  # 3 rounds' time holds two
+        # 1.8 rounds' time holds one round but not two: the edge offers none, the cloud asks none.
         asked = int(_counters(client, 'sage_cloud')['more_asked'])
-        _set(client, 'sage_edge', deadline_ms=5000.0)
-        tight = _frames(client, images[2:5], timeout=10.0)
+        _set(client, 'sage_edge', deadline_ms=1.8 * one_round_ms)
+        tight = _frames(client, images[2:5], timeout=120.0)
         assert all(r.source == CLOUD and r.rounds == 1 for r in tight), [(r.source, r.rounds, r.detail) for r in tight]
         assert int(_counters(client, 'sage_cloud')['more_asked']) == asked
 
         # The cloud restarts between the rounds: its answer asking for more is on its way back
-        # (1.5 s), round 2 reaches a router without a cloud. The frame gets round 1's answer by
+        # (1 s), round 2 reaches a router without a cloud. The frame gets round 1's answer at
         # its deadline, not a hang; then the new cloud serves two rounds again.
-        _set(client, 'sage_edge', deadline_ms=9000.0)
+        _set(client, 'sage_edge', deadline_ms=3 * one_round_ms)
         cloud = next(p for p in bring.procs if p.name == 'cloud')
         # Watch the cloud's answers at the router, before the relay delays them.
         asked = threading.Event()
@@ -235,24 +258,23 @@ def test_no_second_round_past_the_deadline_and_a_cloud_restart_between_rounds(ru
                 asked.set()
 
         watch = session.declare_subscriber('**/sage/cloud_result', on_answer)
-        t0 = time.monotonic()
         stamp = client.publish(images[5])
-        # Kill it as soon as it has asked (about 1.6 s in): round 2 is then 3 s away from it.
+        # Kill it as soon as it has asked (about 1 s in): round 2 is then 2 s away from it.
         try:
-            assert asked.wait(10.0), 'the cloud never asked for a second round'
+            assert asked.wait(60.0), 'the cloud never asked for a second round'
         finally:
             watch.undeclare()
             session.close()
         cloud.popen.send_signal(signal.SIGKILL)
         cloud.popen.wait(10)
-        res = client.wait_result(stamp, 12.0)
+        res = client.wait_result(stamp, 120.0)  # a hang guard; the deadline is the edge's
         assert res is not None and res.source == CLOUD and res.rounds == 1, res
-        # Round 2 lost on the way (timeout), or not sent once the edge heard the cloud was gone.
+        # Round 2 lost on the way: given up at the deadline ('timeout' comes only from the
+        # deadline watcher), or not sent at all once the edge heard the cloud was gone.
         assert 'second round failed (timeout)' in res.detail or res.detail == 'no second round: no uplink', res.detail
-        assert time.monotonic() - t0 < 9.0 + 2.0
         bring.start(['cloud'])
         bring.wait_ready(timeout=120)
         wait_uplink(client)
-        again = _frames(client, images[6:8], timeout=20.0)
+        again = _frames(client, images[6:8], timeout=120.0)
         assert all(r.source == CLOUD for r in again), [(r.source, r.detail) for r in again]
         assert any(r.rounds == 2 for r in again), [(r.rounds, r.detail) for r in again]

@@ -15,6 +15,7 @@ from sage_ros.cli import main
 from sage_ros.live_client import LiveClient
 from sage_ros.system_demo import free_port
 from sage_ros.transport.security import write_deployment
+from conftest import wait_uplink
 
 
 @pytest.fixture(scope='module')
@@ -40,6 +41,14 @@ def _router(path, port):
     c = zenoh.Config.from_file(str(path))
     c.insert_json5('listen/endpoints', f'["tls/127.0.0.1:{port}"]')
     return zenoh.open(c)
+
+
+def _until(cond, what: str, guard_s: float = 30.0) -> None:
+    """Until ``cond()`` holds; fails after ``guard_s`` (a hang guard)."""
+    end = time.monotonic() + guard_s
+    while not cond():
+        assert time.monotonic() < end, f'{what}: not within {guard_s:g} s'
+        time.sleep(0.01)
 
 
 def _refused(conf) -> bool:
@@ -73,14 +82,16 @@ def test_only_valid_robots_connect_and_each_sees_only_its_own_traffic(deployment
         r1.declare_subscriber('robot1/sage/cloud_result', lambda s: got1.append(s.payload.to_bytes()))
         r2.declare_subscriber('robot2/sage/cloud_result', lambda s: got2.append(s.payload.to_bytes()))
         r1.declare_subscriber('robot2/sage/cloud_result', lambda s: spied.append(s.payload.to_bytes()))
-        time.sleep(1.0)
-        r1.declare_publisher('robot1/sage/patch_set').put(b'r1')  # as the edge node sends
+        # Each robot's requests are routed to the cloud (the router knows its subscriber);
+        # the robots' subscribers were declared before, on the same links, so answers find them.
+        pub1 = r1.declare_publisher('robot1/sage/patch_set')  # as the edge node sends
+        pub2 = r2.declare_publisher('robot2/sage/patch_set')
+        _until(lambda: pub1.matching_status.matching and pub2.matching_status.matching, 'a route to the cloud')
+        pub1.put(b'r1')
         r2.put('robot2/sage/patch_set', b'r2')
         r1.put('robot2/sage/patch_set', b'forged')  # robot1 pretending to be robot2
-        time.sleep(1.5)
-        assert sorted(seen) == [('robot1/sage/patch_set', b'r1'), ('robot2/sage/patch_set', b'r2')]
-        assert got1 == [b'answer:r1'] and got2 == [b'answer:r2']
-        assert spied == []  # robot1 cannot read robot2's results
+        _until(lambda: got1 and got2, 'the answers')
+        assert got2 == [b'answer:r2']
 
         # Refused at the door: no credentials, a certificate of another CA, a wrong password.
         anon = zenoh.Config()
@@ -96,8 +107,14 @@ def test_only_valid_robots_connect_and_each_sees_only_its_own_traffic(deployment
             assert _refused(_conf(f['robot1_usrpwd'], port, **{'transport/auth/usrpwd/user': 'robot9'}))
         # The cloud kept serving the valid robot throughout.
         r1.put('robot1/sage/patch_set', b'again')
-        time.sleep(1.0)
-        assert got1 == [b'answer:r1', b'answer:again']
+        _until(lambda: len(got1) >= 2, 'the answer to robot1 again')
+        # The router passes each robot's messages on in order: the forged request (sent on
+        # robot1's link before 'again') and a copy of robot2's answer for robot1's spying
+        # subscriber (sent to robot1 before the answer to 'again') would have arrived by now.
+        assert sorted(seen) == [('robot1/sage/patch_set', b'again'), ('robot1/sage/patch_set', b'r1'),
+                                ('robot2/sage/patch_set', b'r2')]
+        assert got1 == [b'answer:r1', b'answer:again'] and got2 == [b'answer:r2']
+        assert spied == []  # robot1 cannot read robot2's results
     finally:
         for s in sessions:
             s.close()
@@ -128,7 +145,9 @@ def test_nodes_over_mutual_tls(deployment, ros_env, imagenet_dir, tmp_path):
     f = deployment['files']
     port = free_port()
     endpoint = f'tls/127.0.0.1:{port}'
-    overrides = {'weights': 'random', 'budget_mode': 'fixed', 'sage_router.zenoh_config': str(f['router']),
+    # A deadline far beyond a round trip here: the frame is answered by the cloud on any machine.
+    overrides = {'weights': 'random', 'budget_mode': 'fixed', 'deadline_ms': 30000.0,
+                 'sage_router.zenoh_config': str(f['router']),
                  'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'sage_cloud.zenoh_config': str(f['cloud']),
                  'sage_edge.zenoh_config': str(f['robot1']),
                  'sage_edge.image_topic': 'camera/image_raw'}
@@ -141,7 +160,8 @@ def test_nodes_over_mutual_tls(deployment, ros_env, imagenet_dir, tmp_path):
         client = LiveClient(image_topic='/robot1/camera/image_raw', result_topic='/robot1/sage/result',
                             name='tls_client')
         assert client.wait_for_edge()
-        res = client.classify(read_rgb(list_images(imagenet_dir / 'images', limit=1)[0].path), timeout=20)
+        wait_uplink(client, timeout=120)  # the edge has seen the cloud, over TLS
+        res = client.classify(read_rgb(list_images(imagenet_dir / 'images', limit=1)[0].path), timeout=120)
         assert res is not None and res.source == 1, res and res.detail  # answered by the cloud over TLS
     finally:
         if client is not None:

@@ -1,6 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Soak: several robots send to one cloud at the rate it sustains. Bounded for CI
-(SAGE_ROS_SOAK_S seconds, default 60); run longer on demand with the same variable."""
+(SAGE_ROS_SOAK_S seconds, default 60); run longer on demand with the same variable.
+
+Whatever this machine's speed: memory growth is measured per request served (per frame on an
+edge), not per minute, and the cloud is held to answering every request, not to a rate (the
+rate is printed; `sage-ros bench --fleet` measures it). The cloud runs DeiT-Tiny: the nodes'
+own code is what is soaked, and a cheaper model gives it many more requests to leak on."""
 
 from __future__ import annotations
 
@@ -18,10 +23,22 @@ from sage_ros.bringup import Bringup, plan
 from sage_ros.eval.fleet_bench import real_requests
 from sage_ros.live_client import LiveClient
 from sage_ros.system_demo import free_port
+from conftest import stop_by_signal
 
 SOAK_S = float(os.environ.get('SAGE_ROS_SOAK_S', '60'))
 VIRTUAL_ROBOTS = 4
-LEAK_MB_PER_MIN = 10.0
+# A leak, after warm-up: growth per request the cloud handles (per frame an edge handles) of
+# at least this much, a third of a request's decoded patches (64 x 768 B) or a sixteenth of a
+# camera frame (~0.5 MB) ...
+LEAK_KB = {'cloud': 16.0, 'edge': 32.0}
+# ... adding up, over the last half of the soak, to more than the allocator and torch's buffers
+# move RSS by, up and down, under a steady load.
+NOISE_MB = {'cloud': 24.0, 'edge': 4.0}
+
+
+def _leaking(name: str, kb_per_unit: float, mb: float) -> bool:
+    kind = 'cloud' if name == 'cloud' else 'edge'
+    return kb_per_unit >= LEAK_KB[kind] and mb >= NOISE_MB[kind]
 
 
 def rss_kb(pid: int) -> int:
@@ -29,25 +46,37 @@ def rss_kb(pid: int) -> int:
         return next(int(line.split()[1]) for line in fh if line.startswith('VmRSS:'))
 
 
-def slopes(samples: list[tuple[float, int, list[int]]]) -> dict[str, float]:
-    """RSS growth of each process over the last half of the samples, MB per minute."""
+def growth(samples: list[tuple[float, int, list[int], int, list[int]]]) -> dict[str, tuple[float, float]]:
+    """RSS growth of each process over the last half of the samples (by time), fitted against
+    the work it did: (kB per request handled, MB over that half). Samples are (seconds, cloud
+    kB, edge kB each, cloud requests so far, frames so far each edge)."""
     t = np.array([s[0] for s in samples])
     last = t >= t[-1] / 2
-    series = {'cloud': [s[1] for s in samples]}
+    series = {'cloud': ([s[3] for s in samples], [s[1] for s in samples])}
     for i in range(len(samples[0][2])):
-        series[f'edge{i}'] = [s[2][i] for s in samples]
-    return {k: float(np.polyfit(t[last], np.array(v)[last], 1)[0]) * 60 / 1024 for k, v in series.items()}
+        series[f'edge{i}'] = ([s[4][i] for s in samples], [s[2][i] for s in samples])
+    out = {}
+    for k, (work, rss) in series.items():
+        work, rss = np.array(work, float)[last], np.array(rss, float)[last]
+        if work.max() <= work.min():  # no work at all in the last half: nothing to judge by
+            out[k] = (float('inf'), float('inf'))
+            continue
+        per_unit = float(np.polyfit(work, rss, 1)[0])
+        out[k] = (per_unit, per_unit * (work.max() - work.min()) / 1024)
+    return out
 
 
 def test_soak_several_robots_one_cloud(ros_env, tiny, real_images, tmp_path):
     endpoint = f'tcp/127.0.0.1:{free_port()}'
     ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'budget_mode': 'fixed',
-          'budget': 64, 'deadline_ms': 5000.0, 'sage_edge.image_topic': 'camera/image_raw'}
+          'budget': 64, 'deadline_ms': 5000.0, 'sage_edge.image_topic': 'camera/image_raw',
+          'sage_cloud.model': 'deit_tiny_patch16_224'}
     log = (tmp_path / 'nodes.log').open('w')
     bring = Bringup(plan('both', namespace='robot1', overrides=ov) + plan('edge', namespace='robot2', overrides=ov),
                     log=log)
     stop = threading.Event()
-    counts = {'answered': 0, 'busy': 0}
+    counts = {'answered': 0, 'busy': 0, 'sent': 0, 'unanswered': 0}
+    frames = {'robot1': 0, 'robot2': 0}  # frames each real robot had answered so far
     edge_stats = {}
     try:
         bring.start()
@@ -77,7 +106,11 @@ def test_soak_several_robots_one_cloud(ros_env, tiny, real_images, tmp_path):
                 msg.request_id = f'{robot}/{k}'
                 got.clear()
                 session.put(f'{robot}/sage/patch_set', serialize_message(msg))
-                got.wait(10.0)
+                with lock:
+                    counts['sent'] += 1
+                if not got.wait(120.0):  # a hang guard: every request is answered, OK or BUSY
+                    with lock:
+                        counts['unanswered'] += 1
                 k += 1
             sub.undeclare()
 
@@ -88,9 +121,10 @@ def test_soak_several_robots_one_cloud(ros_env, tiny, real_images, tmp_path):
             try:
                 assert client.wait_for_edge()
                 while not stop.is_set():
-                    res = client.classify(real_images[sent % len(real_images)], timeout=20)
+                    res = client.classify(real_images[sent % len(real_images)], timeout=60)
                     sent += 1
                     answered += res is not None
+                    frames[ns] = answered
             finally:
                 edge_stats[ns] = (sent, answered, len(client.all_results))
                 client.destroy_node()
@@ -104,41 +138,49 @@ def test_soak_several_robots_one_cloud(ros_env, tiny, real_images, tmp_path):
         while True:
             while time.monotonic() - t0 < until:
                 time.sleep(2.0)
-                samples.append((time.monotonic() - t0, rss_kb(cloud_pid), [rss_kb(p) for p in edge_pids]))
+                with lock:
+                    served = counts['answered'] + counts['busy']
+                served += sum(frames.values())  # every real frame is offloaded: one request each
+                samples.append((time.monotonic() - t0, rss_kb(cloud_pid), [rss_kb(p) for p in edge_pids], served,
+                                [frames['robot1'], frames['robot2']]))
             # Warm-up (allocator arenas, torch's caches) ends when it ends, later on a machine with
             # more threads: a leak keeps its slope when the soak goes on, a warm-up flattens.
-            if all(v < LEAK_MB_PER_MIN for v in slopes(samples).values()) or until >= 2 * SOAK_S:
+            if not any(_leaking(k, *v) for k, v in growth(samples).items()) or until >= 2 * SOAK_S:
                 break
             until += SOAK_S / 2
         answered_before = counts['answered']
         stop.set()
         for t in threads:
-            t.join(30)
+            t.join(150)  # a hang guard: each ends once its request in flight is answered
         session.close()
         rate = answered_before / (samples[-1][0])
 
-        # Clean shutdown: SIGTERM for the cloud, SIGINT for an edge, each within two seconds.
-        timings = {}
+        # Clean shutdown: SIGTERM for the cloud, SIGINT for an edge, each ending by itself
+        # within the grace a supervisor gives before SIGKILL.
+        codes = {}
         for name, sig in (('cloud', signal.SIGTERM), ('edge', signal.SIGINT)):
             proc = next(p.popen for p in bring.procs if p.name == name and p.popen.poll() is None)
-            t1 = time.monotonic()
-            proc.send_signal(sig)
-            proc.wait(10)
-            timings[name] = time.monotonic() - t1
+            codes[name] = stop_by_signal(proc, sig)
     finally:
         stop.set()
         bring.stop()
         log.close()
 
-    slope = slopes(samples)
-    trace = ' '.join(f'{s[1] / 1024:.0f}' for s in samples[::max(1, len(samples) // 8)])
-    print(f'\nsoak {samples[-1][0]:.0f} s: cloud answered {rate:.2f} req/s at B=64 ({counts["busy"]} busy); '
-          f'RSS cloud {trace} MB; slopes over the last half (MB/min): '
-          + ', '.join(f'{k} {v:+.2f}' for k, v in slope.items())
-          + f'; edges sent/answered {edge_stats}; shutdown {timings}')
+    grown = growth(samples)
+    every = max(1, len(samples) // 8)
+    trace = ' '.join(f'{s[1] / 1024:.0f}' for s in samples[::every])
+    edge_traces = ['/'.join(f'{s[2][i] / 1024:.0f}' for s in samples[::every]) for i in range(len(edge_pids))]
+    print(f'\nsoak {samples[-1][0]:.0f} s: cloud answered {rate:.2f} req/s at B=64 ({counts["busy"]} busy, '
+          f'{samples[-1][3]} requests); RSS cloud {trace} MB, edges {edge_traces} MB; growth over the last half '
+          '(kB per request, per frame on an edge; MB): '
+          + ', '.join(f'{k} {kb:+.2f} ({mb:+.1f})' for k, (kb, mb) in grown.items())
+          + f'; edges sent/answered {edge_stats}; exit codes {codes}')
     for ns, (sent, answered, results) in edge_stats.items():
         assert sent > 0 and answered == sent == results, (ns, sent, answered, results)  # no frame lost
-    assert counts['answered'] > 0 and rate > 1.0
-    for name, mb_per_min in slope.items():
-        assert mb_per_min < LEAK_MB_PER_MIN, (name, mb_per_min, trace)  # flat after warm-up, within allocator noise
-    assert all(v < 2.0 for v in timings.values()), timings
+    # Every virtual robot's request was answered exactly once (OK, or BUSY when shed), and the
+    # cloud served.
+    assert counts['unanswered'] == 0 and counts['answered'] > 0, counts
+    assert counts['answered'] + counts['busy'] == counts['sent'], counts
+    for name, (kb, mb) in grown.items():
+        assert not _leaking(name, kb, mb), (name, kb, mb, trace, edge_traces)  # flat after warm-up
+    assert codes == {'cloud': 0, 'edge': 0}, codes

@@ -1,13 +1,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """The ROS 2 system end to end: router, cloud and edge as separate processes over Zenoh on
-127.0.0.1, fed real images on the camera topic."""
+127.0.0.1, fed real images on the camera topic.
+
+Waits end on events (a route matched, an answer, a counter reached), each under a hang guard,
+never after a span of time a slower machine might need more of."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import threading
 import time
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -25,7 +31,9 @@ from sage_ros.params import load_params, selection_config
 from sage_ros.system_demo import free_port
 from sage_ros.typestore import typestore
 
-BUDGET, BYTE_BUDGET, DEADLINE_MS = 64, 6000, 3000.0
+# A deadline far beyond a round trip here: every offloaded frame is answered by the cloud,
+# whatever this machine's speed (the tests that need a deadline to pass make it so).
+BUDGET, BYTE_BUDGET, DEADLINE_MS = 64, 6000, 30000.0
 
 
 @pytest.fixture(scope='module')
@@ -148,6 +156,36 @@ def _cloud_rejected(client):
     return _stats(client, '/sage_cloud')['rejected']
 
 
+def _wait_until(cond: Callable[[], bool], what: str, client=None, guard_s: float = 60.0) -> None:
+    """Until ``cond()`` holds (spinning ``client`` meanwhile); fails after ``guard_s``, a hang guard."""
+    end = time.monotonic() + guard_s
+    while not cond():
+        assert time.monotonic() < end, f'{what}: not within {guard_s:g} s'
+        if client is not None:
+            client.drain(0.02)
+        else:
+            time.sleep(0.02)
+
+
+def _stats_until(client, node: str, cond: Callable[[dict[str, int]], bool], what: str,
+                 guard_s: float = 60.0) -> dict[str, int]:
+    """The first diagnostics counters of ``node`` for which ``cond`` holds (a hang guard)."""
+    end = time.monotonic() + guard_s
+    while True:
+        stats = _stats(client, node)
+        if cond(stats):
+            return stats
+        assert time.monotonic() < end, f'{what}: not within {guard_s:g} s ({stats})'
+
+
+def _matched_publisher(session: zenoh.Session, key: str) -> zenoh.Publisher:
+    """A publisher on ``key`` once a subscriber of it is known to the router: what is put
+    from then on is delivered."""
+    pub = session.declare_publisher(key)
+    _wait_until(lambda: pub.matching_status.matching, f'no subscriber of {key}')
+    return pub
+
+
 def test_malformed_requests_are_rejected_counted_and_the_cloud_keeps_serving(system):
     before = _cloud_rejected(system.client)
     good = serialize_message(_valid_request('evil', 'evil/0'))
@@ -175,15 +213,14 @@ def test_malformed_requests_are_rejected_counted_and_the_cloud_keeps_serving(sys
     }
     answers = []
     session = zenoh.open(_client_config(system.endpoint))
-    sub = session.declare_subscriber('evil/sage/cloud_result', lambda s: answers.append(s.payload.to_bytes()))
+    # Each bad request from a robot key of its own (evil0/, evil1/, ...): a robot's queue is
+    # short, and a burst from one robot would be shed BUSY instead of read.
+    sub = session.declare_subscriber('*/sage/cloud_result', lambda s: answers.append(s.payload.to_bytes()))
     try:
-        time.sleep(0.5)
-        for payload in bad.values():
-            session.put('evil/sage/patch_set', payload)
-            time.sleep(0.05)  # a burst would overflow the queue and be shed BUSY instead
-        end = time.monotonic() + 10
-        while len(answers) < 8 and time.monotonic() < end:
-            time.sleep(0.05)
+        pubs = [_matched_publisher(session, f'evil{i}/sage/patch_set') for i in range(len(bad))]
+        for pub, payload in zip(pubs, bad.values()):
+            pub.put(payload)
+        _wait_until(lambda: len(answers) >= 8, 'answers to the bad requests with an id')
     finally:
         sub.undeclare()
         session.close()
@@ -192,8 +229,9 @@ def test_malformed_requests_are_rejected_counted_and_the_cloud_keeps_serving(sys
     statuses = {deserialize_message(a, CloudResult).request_id: deserialize_message(a, CloudResult).status
                 for a in answers}
     assert statuses == {f'evil/{i}': CloudResult.STATUS_REJECTED for i in (1, 2, 3, 4, 5, 7, 8, 9)}
-    time.sleep(1.2)
-    assert _cloud_rejected(system.client) - before == len(bad)
+    counted = _stats_until(system.client, '/sage_cloud', lambda st: st['rejected'] - before >= len(bad),
+                           'every bad request counted')
+    assert counted['rejected'] - before == len(bad)
     res = system.client.classify(system.images[2], timeout=20)
     assert res.source == OffloadResult.SOURCE_CLOUD
 
@@ -216,7 +254,9 @@ def test_second_robot_shares_the_cloud_with_bridge_compatible_keys_and_bytes(sys
         with extra_robot(system, 'robot2') as client2:
             res = client2.classify(system.images[3], timeout=20)
             assert res.source == OffloadResult.SOURCE_CLOUD and res.request_id.startswith('robot2/')
-            time.sleep(0.3)
+            # The spy's copy of that answer (it subscribed before robot2 started).
+            _wait_until(lambda: any(k == 'robot2/sage/cloud_result' and res.request_id.encode() in v
+                                    for k, v in list(seen)), 'the answer on the wire')
             # The first robot is unaffected and gets its own answers.
             assert system.client.classify(system.images[4], timeout=20).source == OffloadResult.SOURCE_CLOUD
     finally:
@@ -247,21 +287,40 @@ def test_second_robot_shares_the_cloud_with_bridge_compatible_keys_and_bytes(sys
 
 def test_busy_edge_drops_stale_frames_and_answers_every_processed_one(system):
     client = system.client
+    edge = next(p.popen for p in system.bring.procs if p.name == 'edge')
     before = _stats(client, '/sage_edge')
     n_results = len(client.all_results)
-    stamps = [client.publish(rgb) for rgb in system.images[:6]]  # faster than the edge can work
-    for stamp in stamps[-1:]:
-        assert client.wait_result(stamp, DEADLINE_MS / 1e3 + 20) is not None  # the newest is never dropped
-    client.drain(1.5)
+    # Six frames arrive while the edge is stopped: on SIGCONT they reach it at once, far faster
+    # than it classifies, however fast this machine is.
+    os.kill(edge.pid, signal.SIGSTOP)
+    try:
+        stamps = [client.publish(rgb) for rgb in system.images[:6]]
+        client.drain(0.2)
+    finally:
+        os.kill(edge.pid, signal.SIGCONT)
+    # A frame after them: once it has its result, every earlier frame was received (and then
+    # processed or dropped) or is known lost (a gap in the camera's sequence numbers). It is
+    # never dropped itself (nothing newer comes); a best-effort frame can be lost: then another.
+    for _ in range(5):
+        stamps.append(client.publish(system.images[6]))
+        if client.wait_result(stamps[-1], DEADLINE_MS / 1e3 + 60) is not None:
+            break
+    assert stamps[-1] in client.results
     after = _stats(client, '/sage_edge')
     received = after['received'] - before['received']
     dropped = after['dropped'] - before['dropped']
     lost = after['lost'] - before['lost']
-    answered = len(client.all_results) - n_results
-    # Every frame is accounted for: answered, dropped as stale in the node, or lost before it
-    # (the camera queue is 2 deep: older frames are overwritten there).
-    assert answered + dropped == received and received + lost == len(stamps)
-    assert answered < len(stamps)
+    processed = after['processed'] - before['processed']
+    # Every frame is accounted for: processed, dropped as stale in the node, or lost before it
+    # (the camera queue is 2 deep: older frames are overwritten there) ...
+    assert processed + dropped == received and received + lost == len(stamps), (received, dropped, lost)
+    assert processed < len(stamps)
+    # ... and every processed frame gets exactly one result (the cloud's may come after the
+    # last frame's).
+    _wait_until(lambda: len(client.all_results) - n_results >= processed, 'a result for every processed frame',
+                client)
+    client.drain(0.5)  # a second result for a frame would arrive now
+    assert len(client.all_results) - n_results == processed
     assert len({r.request_id for r in client.all_results}) == len(client.all_results)
 
 
@@ -271,13 +330,23 @@ def test_debug_image_shows_the_selection_only_while_watched(system):
     frames = []
     sub = system.client.create_subscription(Image, '/sage/debug_image', frames.append, 5)
     try:
-        system.client.drain(1.0)
+        # Until the edge sees the watcher (discovery takes its time): frames then get drawn.
+        end = time.monotonic() + 60  # a hang guard
+        while not frames:
+            assert time.monotonic() < end, 'no debug image while watched'
+            system.client.classify(system.images[5], timeout=20)
+            system.client.drain(0.2)
         res = system.client.classify(system.images[6], timeout=20)
-        system.client.drain(0.5)
+
+        def mine() -> list[Image]:
+            return [f for f in frames if f.header.stamp == res.header.stamp]
+
+        _wait_until(lambda: bool(mine()), 'the debug image of the frame', system.client)
+        system.client.drain(0.5)  # a second one for the frame would arrive now
     finally:
         system.client.destroy_subscription(sub)
-    assert res.source == OffloadResult.SOURCE_CLOUD and len(frames) == 1
-    dbg = frames[0]
+    assert res.source == OffloadResult.SOURCE_CLOUD and len(mine()) == 1
+    dbg = mine()[0]
     h, w = system.images[6].shape[:2]
     assert (dbg.height, dbg.width, dbg.encoding) == (h, w, 'bgr8')
     assert dbg.header.stamp == res.header.stamp
@@ -301,7 +370,11 @@ def test_ros_transport_through_a_zenoh_bridge_ros2dds_stand_in(system):
                                          lambda data: session.put('robot3/sage/patch_set', data), reliable, raw=True)
     try:
         with extra_robot(system, 'robot3', **{'sage_edge.transport': 'ros'}) as client3:
-            client.drain(1.0)  # let the stand-in's topics match the edge's
+            # The stand-in's topics matched the edge's, both ways: answers to the edge are
+            # delivered, and the edge sees a subscriber of its requests (its uplink).
+            _wait_until(lambda: to_edge.get_subscription_count() > 0, 'the edge subscribing the answers', client)
+            _wait_until(lambda: (client3.diagnostics('/robot3/sage_edge: link') or {}).get('uplink') == 'connected',
+                        'the edge seeing the stand-in')
             for rgb in system.images[:2]:
                 box = {}
 
@@ -337,15 +410,17 @@ def test_bad_camera_frames_are_skipped_counted_and_the_edge_keeps_working(system
         Image(height=100, width=100, encoding='rgb8', step=100, data=bytes(30000)),  # step < width * 3
         Image(height=100000, width=100000, encoding='mono8', step=100000, data=bytes(10)),  # absurd size
     ]
-    for msg in bad:
-        msg.header.stamp = client.get_clock().now().to_msg()
-        client._pub.publish(msg)
-        client.drain(0.3)  # one at a time: none is dropped as stale-by-newer
-    stale = Image(height=8, width=8, encoding='rgb8', step=24, data=bytes(192))
-    stale.header.stamp.sec = int(client.get_clock().now().nanoseconds // 10**9) - 60
-    client._pub.publish(stale)
-    client.drain(0.5)
     try:
+        # One at a time, each handled before the next comes: none is dropped as stale-by-newer.
+        for i, msg in enumerate(bad, 1):
+            msg.header.stamp = client.get_clock().now().to_msg()
+            client._pub.publish(msg)
+            _stats_until(client, '/sage_edge', lambda st, i=i: st['rejected'] - before['rejected'] >= i,
+                         f'bad frame {i} rejected')
+        stale = Image(height=8, width=8, encoding='rgb8', step=24, data=bytes(192))
+        stale.header.stamp.sec = int(client.get_clock().now().nanoseconds // 10**9) - 60
+        client._pub.publish(stale)
+        _stats_until(client, '/sage_edge', lambda st: st['stale'] - before['stale'] >= 1, 'the stale frame skipped')
         res = client.classify(system.images[7], timeout=20)
         assert res is not None and res.source == OffloadResult.SOURCE_CLOUD
         after = _stats(client, '/sage_edge')
@@ -366,12 +441,10 @@ def test_overload_is_shed_oldest_first_with_busy_answers(system):
     sub = session.declare_subscriber('flood/sage/cloud_result', lambda s: answers.append(
         deserialize_message(s.payload.to_bytes(), CloudResult)))
     try:
-        time.sleep(0.5)
+        pub = _matched_publisher(session, 'flood/sage/patch_set')
         for i in range(n):
-            session.put('flood/sage/patch_set', serialize_message(_valid_request('flood', f'flood/{i}')))
-        end = time.monotonic() + 60
-        while len(answers) < n and time.monotonic() < end:
-            time.sleep(0.1)
+            pub.put(serialize_message(_valid_request('flood', f'flood/{i}')))
+        _wait_until(lambda: len(answers) >= n, 'an answer to every request', guard_s=120)
     finally:
         sub.undeclare()
         session.close()
@@ -388,14 +461,18 @@ def test_cloud_or_router_loss_falls_back_and_recovers_without_restarting_the_edg
     client = system.client
     edge_pid = next(p.popen.pid for p in system.bring.procs if p.name == 'edge')
     for lost in ('cloud', 'router'):
+        timeouts = _stats(client, '/sage_edge')['timeouts']
         system.bring.stop([lost])
-        client.drain(1.0)  # the edge polls its session's state 4x a second
+        # The edge polls its session's state 4x a second: until it has seen the loss.
+        _wait_until(lambda: (client.diagnostics('sage_edge: link') or {}).get('uplink') != 'connected',
+                    f'the edge noticing the {lost} gone')
         for rgb in system.images[:2]:
             res = client.classify(rgb, timeout=DEADLINE_MS / 1e3 + 20)
             assert res is not None and res.source == OffloadResult.SOURCE_EDGE_FALLBACK
             # No router, or a router with no cloud subscribed: the edge knows at once (Zenoh's
-            # matching status) and does not wait for a deadline.
-            assert res.detail == 'no uplink' and res.latency_ms < DEADLINE_MS / 2, res
+            # matching status) and refuses at admission ('no uplink'): no deadline is waited for.
+            assert res.detail == 'no uplink', res
+        assert _stats(client, '/sage_edge')['timeouts'] == timeouts
         system.bring.start([lost])
         system.bring.wait_ready()
         # Clients reconnect on their own; offloading resumes within a few frames.
@@ -412,6 +489,14 @@ def test_answers_cannot_be_forged_by_guessing_the_request_id(system):
     """Ids carry a 64-bit nonce, and the edge acts only on ids it has in flight: answers for
     the right robot and sequence with guessed nonces are counted and dropped."""
     client = system.client
+    params = AsyncParameterClient(client, 'sage_edge')
+    assert params.wait_for_services(timeout_sec=10.0)
+
+    def set_deadline(ms: float) -> None:
+        future = params.set_parameters([Parameter('deadline_ms', value=ms)])
+        client.spin_until_future_complete(future, timeout=10.0)
+        assert future.result().results[0].successful
+
     last = client.classify(system.images[0], timeout=20)
     assert last is not None
     before = _stats(client, '/sage_edge')['late_answers']
@@ -420,16 +505,31 @@ def test_answers_cannot_be_forged_by_guessing_the_request_id(system):
                                             status=CloudResult.STATUS_OK, labels=np.array([999], np.int32),
                                             scores=np.array([1.0], np.float32)))
               for i in range(200)]
+    cloud = next(p.popen for p in system.bring.procs if p.name == 'cloud')
     session = zenoh.open(_client_config(system.endpoint))
+    requests: list[bytes] = []
+    watch = session.declare_subscriber('sage/patch_set', lambda s: requests.append(s.payload.to_bytes()))
+    set_deadline(120000.0)  # the real request waits for the stopped cloud without falling back
     try:
-        time.sleep(0.5)
-        stamp = client.publish(system.images[1])
-        for data in forged:  # while the real request is in flight
-            session.put('sage/cloud_result', data)
-        res = client.wait_result(stamp, 20)
+        to_edge = _matched_publisher(session, 'sage/cloud_result')
+        # The cloud is stopped, so the forged answers surely come while the real request is
+        # out (seen on the wire) and before its answer.
+        os.kill(cloud.pid, signal.SIGSTOP)
+        try:
+            stamp = client.publish(system.images[1])
+            _wait_until(lambda: any(deserialize_message(r, PatchSet).sequence == last.sequence + 1
+                                    for r in list(requests)), 'the real request on the wire', client)
+            for data in forged:
+                to_edge.put(data)
+            counted = _stats_until(client, '/sage_edge', lambda st: st['late_answers'] - before >= len(forged),
+                                   'every forged answer counted')
+        finally:
+            os.kill(cloud.pid, signal.SIGCONT)
+        res = client.wait_result(stamp, 60)
     finally:
+        watch.undeclare()
         session.close()
+        set_deadline(DEADLINE_MS)
     assert res is not None and res.sequence == last.sequence + 1
     assert res.source == OffloadResult.SOURCE_CLOUD and res.label != 999
-    client.drain(1.2)
-    assert _stats(client, '/sage_edge')['late_answers'] - before >= 150
+    assert counted['late_answers'] - before == len(forged)
