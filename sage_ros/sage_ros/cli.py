@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -412,8 +413,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _WarningLines(logging.Handler):
+    """The library's warnings (a params file key that matches no node, ...) as the command's own
+    lines on the stderr of the moment: 'sage-ros up: warning: ...'."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(logging.WARNING)
+        self.command = command
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f'sage-ros {self.command}: warning: {record.getMessage()}', file=sys.stderr)
+
+
+def _warnings_to_stderr(command: str) -> None:
+    log = logging.getLogger('sage_ros')
+    for old in [h for h in log.handlers if isinstance(h, _WarningLines)]:
+        log.removeHandler(old)
+    log.addHandler(_WarningLines(command))
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _warnings_to_stderr(args.command)
     try:
         return int(args.func(args))
     except (SageError, KeyError, TypeError, ValueError, FileNotFoundError, FileExistsError, ConnectionError) as exc:

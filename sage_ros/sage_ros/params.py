@@ -1,8 +1,13 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Reading the parameter YAML of config/ without ROS, with ROS-style ``name:=value`` overrides."""
+"""Reading the parameter YAML of config/ without ROS, with ROS-style ``name:=value`` overrides.
+
+A user's parameter file is checked on the way (one line naming the file and the cause), and so
+are topic names, with rclpy's own rules (imported only then)."""
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -21,6 +26,15 @@ FASTDDS_PROFILE = 'fastdds_large_frames.xml'
 
 
 NODES = ('sage_edge', 'sage_cloud', 'sage_router')
+# Parameters that name a ROS topic (every ``*_topic`` one; relative names resolve in the node's
+# namespace), except these, which '' turns off.
+TOPICS_OFF_WHEN_EMPTY = {'sage_edge': ('image_topic', 'compressed_image_topic', 'provisional_topic')}
+
+_log = logging.getLogger(__name__)
+
+
+class ParamsFileError(ValueError):
+    """A parameter file that cannot be used; the message names the file and says why."""
 
 
 def config_path(name: str, directory: Path | None = None) -> Path:
@@ -59,19 +73,68 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def _sections(doc: Any, prefix: str = '') -> Iterator[tuple[str, dict[str, Any]]]:
+def _sections(doc: dict[str, Any], path: Path, prefix: str = '') -> Iterator[tuple[str, dict[str, Any]]]:
     """(node key, ros__parameters) of a parameter file, in file order; nested keys (nav2's
-    ``robot1: {sage_edge: {ros__parameters: ...}}``, namespace as root key) are joined with '/'."""
-    if not isinstance(doc, dict):
-        return
+    ``robot1: {sage_edge: {ros__parameters: ...}}``, namespace as root key) are joined with '/'.
+    A value outside ros__parameters is refused, as rcl refuses it: it would set nothing."""
     for key, value in doc.items():
-        if not isinstance(value, dict):
-            continue
         name = f'{prefix}/{str(key).strip("/")}'.replace('//', '/')
+        if not isinstance(value, dict):
+            raise ParamsFileError(f'params file {path}: {name.lstrip("/")!r} is not under a node key\'s '
+                                  'ros__parameters (NODE: {ros__parameters: {NAME: VALUE}}, e.g. /**/sage_edge)')
         if 'ros__parameters' in value:
-            yield name, dict(value['ros__parameters'] or {})
+            params = value['ros__parameters']
+            if not isinstance(params, (dict, type(None))):
+                raise ParamsFileError(f'params file {path}: ros__parameters of {name!r} must map names to values, '
+                                      f'got a {type(params).__name__}')
+            yield name, dict(params or {})
         else:
-            yield from _sections(value, name)
+            yield from _sections(value, path, name)
+
+
+def _read_doc(path: Path) -> dict[str, Any]:
+    """The node sections of a user's parameter file ({} when it is empty); ParamsFileError, in
+    one line naming the file, when it cannot be read or is no parameter file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ParamsFileError(f'params file {path} is a directory, not a YAML parameter file')
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsFileError(f'params file {path} not found') from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamsFileError(f'cannot read params file {path}: {getattr(exc, "strerror", None) or exc}') from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        why = getattr(exc, 'problem', None) or getattr(exc, 'context', None) or type(exc).__name__
+        raise ParamsFileError(f'params file {path} is not valid YAML: {why}{where}') from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ParamsFileError(f'params file {path} holds a {type(doc).__name__}; a parameter file maps node keys to '
+                              'their parameters (/**/sage_edge: {ros__parameters: {NAME: VALUE}})')
+    return doc
+
+
+def params_file_warnings(path: Path) -> list[str]:
+    """What in a user's parameter file sets nothing, one line each: an empty file, a node key
+    that no sage_ros node can match (a typo such as /**/sage_edg). Raises ParamsFileError."""
+    doc = _read_doc(path)
+    if not doc:
+        return [f'params file {path} is empty: it changes no parameter']
+    out = []
+    for key, _ in _sections(doc, path):
+        last = key.rstrip('/').rpartition('/')[2]
+        if last in ('*', '**') or last in NODES:
+            continue
+        close = difflib.get_close_matches(last, NODES, n=1)
+        hint = f'; did you mean {key[: len(key) - len(last)] + close[0]!r}?' if close else ''
+        out.append(f'params file {path}: node key {key!r} matches no sage_ros node ({", ".join(NODES)}), so its '
+                   f'parameters are not used{hint}')
+    return out
 
 
 def _key_matches(key: str, fq_name: str) -> bool:
@@ -91,10 +154,8 @@ def fq_name(node: str, namespace: str = '') -> str:
 def read_params_file(path: Path, node: str, *, namespace: str = '') -> dict[str, Any]:
     """The parameters a ROS parameter file gives ``node`` in ``namespace``: every section whose
     key matches the node, in file order (later ones win), as rcl merges them."""
-    with Path(path).open() as fh:
-        doc = yaml.safe_load(fh) or {}
     out: dict[str, Any] = {}
-    for key, params in _sections(doc):
+    for key, params in _sections(_read_doc(path), Path(path)):
         if _key_matches(key, fq_name(node, namespace)):
             out.update(params)
     return out
@@ -162,15 +223,40 @@ def write_params_file(
     nodes this file (``--params-file``), and ``ros2 param dump`` of a running node gives it back.
     """
     namespaces = namespaces or {}
+    if params_file is not None:
+        for warning in params_file_warnings(params_file):
+            _log.warning(warning)
     doc = {}
     for node in nodes:
         ns = namespaces.get(node, '')
-        doc[fq_name(node, ns)] = {'ros__parameters': load_params(
-            node, directory=directory, overrides=overrides, params_file=params_file, namespace=ns)}
+        params = load_params(node, directory=directory, overrides=overrides, params_file=params_file, namespace=ns)
+        check_topics(node, params, namespace=ns)
+        doc[fq_name(node, ns)] = {'ros__parameters': params}
     out = Path(out)
     out.write_text('# Written by sage_ros from config/sage_ros.yaml, a params_file and overrides.\n'
                    + yaml.safe_dump(doc, sort_keys=False))
     return out
+
+
+def check_topics(node: str, params: dict[str, Any], *, namespace: str = '') -> None:
+    """Refuse a topic parameter that rcl would refuse when the node creates its publisher or
+    subscription, in one line naming it ('' only where it turns the topic off). rcl's own rules:
+    the name as written, then expanded in the node's namespace ('~', '{node}')."""
+    from rclpy.exceptions import NameValidationException
+    from rclpy.expand_topic_name import expand_topic_name
+    from rclpy.validate_full_topic_name import validate_full_topic_name
+    from rclpy.validate_topic_name import validate_topic_name
+
+    for name, value in params.items():
+        if not name.endswith('_topic') or (value == '' and name in TOPICS_OFF_WHEN_EMPTY.get(node, ())):
+            continue
+        try:
+            validate_topic_name(value)
+            validate_full_topic_name(expand_topic_name(value, node, '/' + namespace.strip('/')))
+        except (NameValidationException, ValueError) as exc:
+            # rclpy's message: 'Invalid topic name: WHY:', then the name and a caret below it.
+            why = str(exc).splitlines()[0].rstrip(':').removeprefix('Invalid topic name: ')
+            raise ValueError(f'{node}.{name}: {value!r} is not a valid ROS topic name ({why})') from None
 
 
 def check_overrides_known(overrides: dict[str, Any], nodes: Iterable[str], *, directory: Path | None = None) -> None:

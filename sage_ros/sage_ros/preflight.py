@@ -5,7 +5,9 @@ bring-up, an edge pass), each failing with one line that names the setting and t
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import zipfile
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Any
@@ -61,6 +63,37 @@ def check_weights(what: str, weights: str) -> None:
     if path is not None and not path.is_file():
         raise UnusableSetting(f'{what}: checkpoint file {str(path)!r} not found (weights: a checkpoint or .onnx '
                               'file, hub, hf-hub:ORG/NAME, or random[:SEED])')
+    why = checkpoint_problem(path) if path is not None else None
+    if why:
+        raise UnusableSetting(f'{what}: {str(path)!r} is {why} (weights: a checkpoint .pth/.pt/.bin/.safetensors or '
+                              'an .onnx file, hub, hf-hub:ORG/NAME, or random[:SEED])')
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the file ``path`` is not a checkpoint, from its first bytes, or None. The loaders'
+    own errors on, say, a text file read like 'list index out of range'. An .onnx file is left
+    to ONNX Runtime, which names what it cannot parse."""
+    suffix = path.suffix.lower()
+    if suffix == '.onnx':
+        return None
+    if suffix == '.safetensors':
+        try:
+            from safetensors import safe_open
+        except ImportError:  # a robot without it cannot load one anyway: its loader says so
+            return None
+        try:
+            with safe_open(str(path), framework='numpy'):  # reads the header only
+                return None
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type
+            return f'not a safetensors file ({exc})'
+    try:
+        with path.open('rb') as fh:
+            head = fh.read(1)
+    except OSError as exc:
+        return f'unreadable ({exc.strerror})'
+    if head == pickle.PROTO or zipfile.is_zipfile(path):
+        return None
+    return 'not a checkpoint: torch.save writes a zip archive (a pickle before torch 1.6), this is neither'
 
 
 def check_device(what: str, device: str) -> None:

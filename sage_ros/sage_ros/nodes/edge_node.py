@@ -38,7 +38,7 @@ from sage_ros.core import Budget, SageError
 from sage_ros.core.codec import ENCODINGS
 from sage_ros.core.gate import GATE_METRICS
 from sage_ros.core.labels import class_name
-from sage_ros.core.models import RUNTIMES, load_edge_model
+from sage_ros.core.models import RUNTIMES, edge_runtime, load_edge_model
 from sage_ros.core.link import LinkSnapshot
 from sage_ros.core.offload import OffloadPlan, check_byte_budget
 from sage_ros.core.pipeline import EdgePipeline, FrameDecision
@@ -49,8 +49,10 @@ from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import FASTDDS_PROFILE, config_path, gate_config, selection_config, uplink_monitor
-from sage_ros.preflight import check_weights
+from sage_ros.preflight import check_device, check_weights
 from sage_ros.ros_image import decode_compressed, decode_short_side, image_to_rgb, rgb_to_image_fields
+from sage_ros.transport.uplink_watch import (NO_ROUTER, UNANSWERED, RouteContext, UplinkWatch, problem_line,
+                                            unresolved_line)
 from sage_ros.transport.wire import peek_request_id
 from sage_ros.typestore import typestore
 
@@ -171,6 +173,9 @@ class EdgeNode(Node):
         p = self._params
         # Before the model loads: a missing file or an unreachable hub is one line, at once.
         check_weights('sage_edge weights', p['weights'])
+        if edge_runtime(p['weights'], p['runtime']) == 'torch':  # ONNX Runtime's device: its loader says
+            check_device('sage_edge device', p['device'])
+        zenoh_config = _zenoh_config(p)  # read now: a bad one is one line naming it, before the model loads
         model = load_edge_model(p['model'], p['weights'], runtime=p['runtime'], device=p['device'],
                                 num_threads=p['num_threads'], int8=p['int8'])
         card = model.card
@@ -215,7 +220,7 @@ class EdgeNode(Node):
                                                               self._on_compressed, camera_qos).topic_name
 
         self._monitor = uplink_monitor(p, connected=False)
-        self._uplink = _Uplink(self, p, reliable, self._on_answer)
+        self._uplink = _Uplink(self, p, reliable, self._on_answer, zenoh_config)
         self._budget_pub = self.create_publisher(BudgetStatus, p['budget_topic'], reliable)
         self._last_budget_state: tuple = ()
         self.create_timer(0.25, self._tick_link)
@@ -304,7 +309,11 @@ class EdgeNode(Node):
     def _link_status(self) -> DiagnosticStatus:
         p, snap = self._params, self._monitor.snapshot()
         auto = p['budget_mode'] == 'auto'
-        if auto and snap.suspended:
+        # The line the uplink logged when it stays useless: the cause, and what to check.
+        problem = self._uplink.problem
+        if self._uplink.state == 'unanswered':  # "connected", yet nothing ever answered
+            level, text = DiagnosticStatus.ERROR, problem or 'requests unanswered'
+        elif auto and snap.suspended:
             level, text = DiagnosticStatus.ERROR, 'offloading suspended: even budget_min misses the deadline'
         elif not snap.connected:
             level, text = DiagnosticStatus.WARN, f'no uplink: {self._uplink.state}; frames keep edge labels'
@@ -315,7 +324,7 @@ class EdgeNode(Node):
         else:
             level, text = DiagnosticStatus.OK, 'ok'
         self._misses_reported = snap.deadline_misses
-        values = {'uplink': self._uplink.state, 'budget': self._budget_now(p, snap), 'mode': p['budget_mode'],
+        values = {'uplink': self._uplink.state, 'problem': problem, 'budget': self._budget_now(p, snap), 'mode': p['budget_mode'],
                   'in_flight': snap.in_flight, 'max_in_flight': snap.max_in_flight,
                   'queued_bytes': f'{snap.queued_bytes:.0f}',
                   'throughput_kbit_s': f'{snap.throughput_bps * 8 / 1e3:.1f}',
@@ -669,12 +678,23 @@ class EdgeNode(Node):
         super().destroy_node()
 
 
+def _zenoh_config(p: dict[str, Any]) -> Any:
+    """The edge's Zenoh config (zenoh.Config), None for the ros transport; a file that cannot be
+    read is a configuration error, said at start in one line naming it."""
+    if p['transport'] != 'zenoh':
+        return None
+    from sage_ros.transport.zenoh_link import load_config
+
+    return load_config(config_path(p['zenoh_config']), connect=p['zenoh_connect'])
+
+
 class _Uplink:
     """The edge's side of the transport: sending requests, receiving answers, and whether the
     cloud is reachable. Zenoh: the session opens (and reopens) in a background thread, so the
     node never waits on the network. ros: plain topics, reachable while something subscribes."""
 
-    def __init__(self, node: Node, p: dict[str, Any], qos: QoSProfile, on_answer: Callable[[bytes], None]) -> None:
+    def __init__(self, node: Node, p: dict[str, Any], qos: QoSProfile, on_answer: Callable[[bytes], None],
+                 zenoh_config: Any = None) -> None:
         self._node = node
         self._p = p
         self._on_answer = on_answer
@@ -685,13 +705,20 @@ class _Uplink:
         self._publisher: Any = None
         self._thread: threading.Thread | None = None
         self.state = 'connecting'
+        self.problem = ''
+        """While the uplink stays useless for a known cause: the line that said why (/diagnostics)."""
+        self._watch: Any = None
         if p['transport'] == 'zenoh':
-            from sage_ros.transport.zenoh_link import load_config, topic_to_key
+            from sage_ros.transport.zenoh_link import connect_endpoints, session_identity, topic_to_key
 
-            # A config that cannot be read is a configuration error: fail at start, not later.
-            self._config = load_config(config_path(p['zenoh_config']), connect=p['zenoh_connect'])
+            self._config = zenoh_config
             self._put_key = topic_to_key(node.resolve_topic_name(p['patch_set_topic']))
             self._sub_key = topic_to_key(node.resolve_topic_name(p['cloud_result_topic']))
+            self._route = RouteContext(self._put_key, self._sub_key, node.get_namespace().strip('/'),
+                                       config_path(p['zenoh_config']), session_identity(zenoh_config),
+                                       tuple(connect_endpoints(zenoh_config)))
+            # As long as the link monitor keeps an unanswered request in flight.
+            self._watch = UplinkWatch(silence_s=max(10.0, 10 * p['deadline_ms'] / 1e3))
         else:
             self._publisher = node.create_publisher(PatchSet, p['patch_set_topic'], qos)
             node.create_subscription(CloudResult, p['cloud_result_topic'], on_answer, qos, raw=True)
@@ -707,6 +734,7 @@ class _Uplink:
         from sage_ros.transport.zenoh_link import ZenohChannel
 
         log = self._node.get_logger()
+        self._say_unresolvable()
         while not self._closed.is_set():
             try:
                 # Blocks until a router answers (the shipped config retries for ever).
@@ -716,7 +744,7 @@ class _Uplink:
                 log.warning(f'uplink: {exc}; retrying', throttle_duration_sec=30.0)
                 self._closed.wait(1.0)
                 continue
-            channel = ZenohChannel(session, self._put_key, self._sub_key, lambda _k, data: self._on_answer(data))
+            channel = ZenohChannel(session, self._put_key, self._sub_key, lambda _k, data: self._heard(data))
             with self._lock:
                 if self._closed.is_set():
                     channel.close()
@@ -725,6 +753,36 @@ class _Uplink:
                 self._session, self._channel = session, channel
             log.info(f'Zenoh: requests on {self._put_key!r}, answers from {self._sub_key!r}')
             return
+
+    def _say_unresolvable(self) -> None:
+        """An endpoint whose host does not resolve: zenoh.open would retry it for ever in silence."""
+        from sage_ros.transport.zenoh_link import unresolvable
+
+        for endpoint in self._route.endpoints:
+            host = unresolvable(endpoint)
+            if host is not None:
+                self.problem = unresolved_line(host, endpoint, self._route)
+                self._node.get_logger().warning(self.problem)
+                self._watch.said(NO_ROUTER)  # and not again as 'no router reached'
+
+    def _heard(self, data: bytes) -> None:
+        """Anything on our answer key: the route works (whatever the answer turns out to be)."""
+        if self._watch.answered():
+            self.problem = ''
+            self._node.get_logger().info('uplink: answers from the cloud arrive now')
+        self._on_answer(data)
+
+    def _watch_state(self, state: str) -> None:
+        """Say once, in one line, why the uplink stays useless (uplink_watch.UplinkWatch)."""
+        trouble = self._watch.update(state)
+        if trouble is not None:
+            self.problem = problem_line(trouble, self._route)
+            log = self._node.get_logger()
+            (log.error if trouble.cause == UNANSWERED else log.warning)(self.problem)
+        elif not self._watch.cause:
+            self.problem = ''
+        if self._watch.cause == UNANSWERED:
+            self.state = 'unanswered'
 
     def connected(self) -> bool:
         """Is the cloud reachable now? Zenoh: the session has a router (it reconnects by itself
@@ -737,6 +795,7 @@ class _Uplink:
         with self._lock:
             session, channel = self._session, self._channel
         if session is None:
+            self._watch_state(self.state)
             return False
         try:
             routed = bool(list(session.info.routers_zid()) or list(session.info.peers_zid()))
@@ -745,6 +804,7 @@ class _Uplink:
             routed = served = False
         # A router without a cloud behind it would swallow our requests: the same as no uplink.
         self.state = 'connected' if served else ('no cloud' if routed else 'router lost')
+        self._watch_state(self.state)
         return served
 
     def send(self, data: bytes) -> None:
@@ -756,6 +816,7 @@ class _Uplink:
         if channel is None:
             raise RuntimeError('no uplink')
         channel.put(data)
+        self._watch.sent()
 
     def close(self) -> None:
         self._closed.set()

@@ -10,7 +10,7 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from sage_ros.params import load_params
+from sage_ros.params import check_topics, load_params
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,8 @@ def declare(node: Node, node_name: str, specs: dict[str, Spec]) -> dict[str, Any
         why = spec.problem(values[name])
         if why:
             raise ValueError(f'parameter {name}={values[name]!r} {why}')
+    # One line naming the parameter, before rclpy's multi-line exception from create_publisher.
+    check_topics(node_name, values, namespace=node.get_namespace())
     return values
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import zenoh
 
@@ -49,9 +51,16 @@ def load_config(path: Path, *, connect: str = '', listen: str = '') -> zenoh.Con
     """A Zenoh config from a json5 file, with endpoints optionally replaced.
 
     ``connect`` / ``listen`` are comma-separated endpoint lists (e.g. 'tcp/10.0.0.5:7447');
-    empty keeps the file's.
+    empty keeps the file's. A missing file (FileNotFoundError) or one that is not valid json5
+    (ValueError) is refused in one line naming it.
     """
-    conf = zenoh.Config.from_file(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'Zenoh config {str(path)!r} ' + ('is not a file' if path.exists() else 'not found'))
+    try:
+        conf = zenoh.Config.from_file(str(path))
+    except zenoh.ZError as exc:
+        raise ValueError(f'Zenoh config {str(path)!r}: {error_text(exc)}') from None
     for field, value in (('connect/endpoints', connect), ('listen/endpoints', listen)):
         endpoints = [e.strip() for e in value.split(',') if e.strip()]
         if endpoints:
@@ -62,6 +71,70 @@ def load_config(path: Path, *, connect: str = '', listen: str = '') -> zenoh.Con
 def open_session(path: Path, *, connect: str = '', listen: str = '') -> zenoh.Session:
     """Open a Zenoh session from a config file (see :func:`load_config`)."""
     return zenoh.open(load_config(path, connect=connect, listen=listen))
+
+
+def _config_value(conf: zenoh.Config, key: str) -> Any:
+    """A value of a Zenoh config (None when unset)."""
+    try:
+        return json.loads(conf.get_json(key))
+    except (zenoh.ZError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a client session logs in to the router as: what a router's access control matches
+    (a certificate's common name, or a user name)."""
+
+    name: str
+    """'' when the certificate cannot be read here."""
+    evidence: str
+    """'certificate /deploy/robot1.pem' or 'user robot1'."""
+
+
+def session_identity(conf: zenoh.Config) -> Identity | None:
+    """The identity a client config logs in with (mutual TLS certificate, else user/password),
+    or None when it uses neither."""
+    cert = _config_value(conf, 'transport/link/tls/connect_certificate')
+    if cert:
+        try:
+            from cryptography import x509
+            from cryptography.x509.oid import NameOID
+
+            subject = x509.load_pem_x509_certificate(Path(cert).read_bytes()).subject
+            name = str(subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        except (ImportError, OSError, ValueError, IndexError):  # shown by path only
+            name = ''
+        return Identity(name, f'certificate {cert}')
+    user = _config_value(conf, 'transport/auth/usrpwd/user')
+    return Identity(str(user), f'user {user}') if user else None
+
+
+def connect_endpoints(conf: zenoh.Config) -> list[str]:
+    """The endpoints a config connects to (a list, or per mode: {router: [...], peer: [...]})."""
+    value = _config_value(conf, 'connect/endpoints') or []
+    if isinstance(value, dict):
+        value = [e for endpoints in value.values() for e in endpoints or []]
+    return [str(e) for e in value]
+
+
+# Endpoint protocols whose address is HOST:PORT.
+_HOST_PORT = ('tcp', 'udp', 'tls', 'quic', 'ws')
+
+
+def unresolvable(endpoint: str) -> str | None:
+    """The host of ``endpoint`` ('tcp/999.999.999.999:7447') when it resolves to no address,
+    else None. Zenoh retries such an endpoint for ever without a word."""
+    locator = re.split(r'[?#]', endpoint, maxsplit=1)[0]
+    proto, _, address = locator.partition('/')
+    host = address.rpartition(':')[0].strip('[]')
+    if proto not in _HOST_PORT or not host:
+        return None
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return host
+    return None
 
 
 # zenoh.open's error for a listen endpoint that another process holds.
