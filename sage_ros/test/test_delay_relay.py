@@ -57,7 +57,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 def _echo_round_trip(port: int, payload: bytes) -> tuple[bytes, float]:
     """Send ``payload`` from a thread while reading the echo; returns it and the seconds taken."""
-    with socket.create_connection(('127.0.0.1', port), timeout=20) as sock:
+    # The timeout is a hang guard only: a loaded machine may take a while over 16 MiB.
+    with socket.create_connection(('127.0.0.1', port), timeout=120) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t0 = time.monotonic()
         sender = threading.Thread(target=sock.sendall, args=(payload,))
@@ -86,6 +87,10 @@ def test_large_payload_arrives_intact_and_in_order(echo_port):
     payload = os.urandom(16 * 1024 * 1024)
     with DelayRelay(0, '127.0.0.1', echo_port, 0.05) as relay:
         back, _ = _echo_round_trip(relay.port, payload)
+        # The relay counts a chunk after writing it: the echo may be read before the count.
+        end = time.monotonic() + 60
+        while relay.stats.bytes_down < len(payload) and time.monotonic() < end:
+            time.sleep(0.01)
         assert relay.stats.bytes_up == relay.stats.bytes_down == len(payload)
     assert back == payload
 

@@ -24,13 +24,19 @@ import numpy as np
 from sage_ros.images import list_images, read_rgb
 
 
-def parse_phases(text: str) -> list[tuple[str, int]]:
-    """'8mbit:20,400kbit:25' -> [('8mbit', 20), ('400kbit', 25)]."""
+def parse_phases(text: str) -> list[tuple[str, int, bool]]:
+    """'8mbit:20,24kbit:8+' -> [('8mbit', 20, False), ('24kbit', 8, True)]. A trailing '+' (camera
+    mode): the phase lasts at least that long, then until the edge suspends offloading, at most
+    SUSPEND_WAIT times as long (how soon evidence of a dead link adds up is the machine's)."""
     out = []
     for part in text.split(','):
         rate, _, n = part.partition(':')
-        out.append((rate.strip(), int(n)))
+        until = n.strip().endswith('+')
+        out.append((rate.strip(), int(n.strip().rstrip('+')), until))
     return out
+
+
+SUSPEND_WAIT = 6
 
 
 def rate_bps(rate: str) -> float:
@@ -49,7 +55,7 @@ def shape(device: str, rate: str) -> None:
                     'burst', str(burst), 'latency', '2s'], check=True)
 
 
-def run(images_dir: Path, phases: list[tuple[str, int]], device: str, out: Path, *, period_s: float = 0.3,
+def run(images_dir: Path, phases: list[tuple[str, int, bool]], device: str, out: Path, *, period_s: float = 0.3,
         timeout_s: float = 10.0, fps: float = 0.0) -> None:
     """Step the link through ``phases`` while frames flow, recording each frame's result.
 
@@ -85,12 +91,19 @@ def run(images_dir: Path, phases: list[tuple[str, int]], device: str, out: Path,
         if not client.wait_for_edge():
             raise RuntimeError('no edge node')
         k = 0
-        for phase, (rate, n) in enumerate(phases):
+        for phase, (rate, n, until_suspended) in enumerate(phases):
             shape(device, rate)
-            records.append({'kind': 'phase', 't': time.monotonic() - t0, 'phase': phase, 'rate_bps': rate_bps(rate)})
+            began = time.monotonic()
+            records.append({'kind': 'phase', 't': began - t0, 'phase': phase, 'rate_bps': rate_bps(rate)})
             if fps > 0:
-                end = time.monotonic() + n
-                while time.monotonic() < end:
+                end = began + n
+                last = began + n * SUSPEND_WAIT if until_suspended else end
+
+                def suspended() -> bool:  # for a second already: frames then carry it in their results
+                    now = time.monotonic() - t0
+                    return any(st['suspended'] and began - t0 < st['t'] < now - 1.0 for st in statuses)
+
+                while time.monotonic() < end or (time.monotonic() < last and not suspended()):
                     due = time.monotonic() + 1.0 / fps
                     sent.append((client.publish(frames[k % len(frames)]), phase, time.monotonic() - t0, rate))
                     k += 1
@@ -165,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('images', type=Path)
     parser.add_argument('--device', required=True, help='network device whose egress is shaped')
-    parser.add_argument('--phases', type=parse_phases, required=True, help='RATE:FRAMES,... e.g. 8mbit:20,400kbit:25')
+    parser.add_argument('--phases', type=parse_phases, required=True, help='RATE:FRAMES,... e.g. 8mbit:20,400kbit:25 (camera mode: seconds; RATE:S+ lasts until offloading is suspended)')
     parser.add_argument('--out', type=Path, required=True)
     parser.add_argument('--period', type=float, default=0.3, help='seconds between frames (one at a time)')
     parser.add_argument('--fps', type=float, default=0.0,
