@@ -60,6 +60,19 @@ def ros_env():
     rclpy.try_shutdown()
 
 
+@pytest.fixture(scope='module')
+def ros_edge_node(ros_env):
+    """An edge node in this process (random weights, ROS transport, namespace robot9), one per module."""
+    from rclpy.parameter import Parameter
+
+    from sage_ros.nodes.edge_node import EdgeNode
+
+    node = EdgeNode(namespace='robot9', parameter_overrides=[
+        Parameter('weights', value='random'), Parameter('transport', value='ros')])
+    yield node
+    node.destroy_node()
+
+
 @pytest.fixture(scope='session')
 def tiny():
     return load_vit('deit_tiny_patch16_224', 'random:0')

@@ -19,13 +19,8 @@ from python_lines import python_lines
 
 
 @pytest.fixture(scope='module')
-def edge(ros_env):
-    from sage_ros.nodes.edge_node import EdgeNode
-
-    node = EdgeNode(namespace='robot9', parameter_overrides=[
-        Parameter('weights', value='random'), Parameter('transport', value='ros')])
-    yield node
-    node.destroy_node()
+def edge(ros_edge_node):
+    return ros_edge_node
 
 
 def _in_flight(edge, rid: str) -> None:

@@ -12,13 +12,8 @@ from sensor_msgs.msg import Image
 
 
 @pytest.fixture(scope='module')
-def edge(ros_env):
-    from sage_ros.nodes.edge_node import EdgeNode
-
-    node = EdgeNode(namespace='robot9', parameter_overrides=[
-        Parameter('weights', value='random'), Parameter('transport', value='ros')])
-    yield node
-    node.destroy_node()
+def edge(ros_edge_node):
+    return ros_edge_node
 
 
 def test_camera_topic_is_relative_to_the_namespace(edge):
