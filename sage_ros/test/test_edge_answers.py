@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from rclpy.parameter import Parameter
 from rclpy.serialization import serialize_message
 from sage_ros_msgs.msg import CloudResult, OffloadResult
 from std_msgs.msg import Header
