@@ -178,7 +178,7 @@ def launch_nodes(args: Mapping[str, str]) -> list[NodeLaunch]:
         if choices and arg[name] not in choices:
             raise LaunchArgumentError(f'launch argument {name}:={arg[name]}: must be one of {", ".join(choices)}')
     params_file = Path(os.path.expanduser(arg['params_file'])) if arg['params_file'] else None
-    if params_file is not None and not params_file.is_file():
+    if params_file is not None and not params_file.exists():  # a directory: refused as `up` refuses it
         raise LaunchArgumentError(f'launch argument params_file:={arg["params_file"]}: no such file')
     overrides = launch_overrides(arg)
     try:

@@ -76,6 +76,11 @@ def test_a_directory_or_a_missing_params_file_is_one_line(tmp_path, no_node_star
     assert f'params file {tmp_path} is a directory' in _one_line(capsys, 'error')
     assert main(['up', '--side', 'edge', '--params-file', str(tmp_path / 'nope.yaml')]) == 2
     assert f'params file {tmp_path / "nope.yaml"} not found' in _one_line(capsys, 'error')
+    # `ros2 launch ... params_file:=<dir>` says the same, not "no such file".
+    with pytest.raises(LaunchArgumentError, match=f'params file {tmp_path} is a directory, not a YAML'):
+        launch_nodes({'side': 'edge', 'params_file': str(tmp_path)})
+    with pytest.raises(LaunchArgumentError, match='nope.yaml: no such file'):
+        launch_nodes({'side': 'edge', 'params_file': str(tmp_path / 'nope.yaml')})
 
 
 @pytest.fixture
@@ -149,6 +154,23 @@ def test_what_only_the_node_can_check_is_its_one_line_before_the_model_loads(par
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith('sage-ros up: sage_edge exited with code 2 before it was ready: cannot start: ') and \
         cause in last, last
+
+
+def test_a_cloud_whose_endpoint_cannot_resolve_is_refused_before_its_model_loads(ros_env, tmp_path):
+    """The cloud's own zenoh.open would wait for a host that resolves to nothing for ever, and
+    `up` would wait for a ready line that never comes: refused in one line, exit 2, at once."""
+    f = tmp_path / 'params.yaml'
+    f.write_text(f'/**/sage_router:\n  ros__parameters:\n    zenoh_listen: tcp/127.0.0.1:{free_port()}\n')
+    out = subprocess.run([sys.executable, '-m', 'sage_ros.cli', 'up', '--side', 'cloud', '--params-file', str(f),
+                          '--weights', 'random', '-p', 'sage_cloud.zenoh_connect:=tcp/999.999.999.999:7447'],
+                         capture_output=True, text=True, timeout=170)
+    assert out.returncode == 2, out.stderr
+    assert 'Traceback' not in out.stderr and 'RANDOM weights' not in out.stderr  # no model was loaded
+    cause = "cannot resolve '999.999.999.999' of Zenoh endpoint tcp/999.999.999.999:7447"
+    fatal = [ln for ln in out.stderr.splitlines() if '[FATAL]' in ln]
+    assert len(fatal) == 1 and cause in fatal[0] and fatal[0].startswith('[cloud]'), out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith('sage-ros up: sage_cloud exited with code 2 before it was ready') and cause in last, last
 
 
 def test_an_endpoint_that_cannot_be_reached_is_said_not_sat_on(ros_env, tmp_path):

@@ -106,6 +106,20 @@ class _Request:
     """When the worker took it off the queue (0 while queued)."""
 
 
+def _zenoh_config(p: dict[str, Any]) -> Any:
+    """The cloud's Zenoh config; ValueError when a connect endpoint's host resolves to nothing:
+    zenoh.open would wait for it for ever without a word, and the cloud would never be ready."""
+    from sage_ros.transport.zenoh_link import connect_endpoints, load_config, unresolvable
+
+    conf = load_config(config_path(p['zenoh_config']), connect=p['zenoh_connect'])
+    for endpoint in connect_endpoints(conf):
+        host = unresolvable(endpoint)
+        if host is not None:
+            raise ValueError(f'cannot resolve {host!r} of Zenoh endpoint {endpoint} (Zenoh config '
+                             f'{p["zenoh_config"]}, or zenoh_connect)')
+    return conf
+
+
 class CloudNode(Node):
     """The cloud side of sage_ros."""
 
@@ -115,6 +129,8 @@ class CloudNode(Node):
         self.add_on_set_parameters_callback(validator(SPECS))
         self.add_post_set_parameters_callback(self._on_params_set)
         p = self._params
+        # Before the model loads: a config that cannot work is refused in one line, not after 20 s.
+        zenoh_conf = _zenoh_config(p) if p['transport'] == 'zenoh' else None
         self._backend: ServerBackend = self._new_backend(p)
         if self._backend.random_weights:
             self.get_logger().warning(f'server model {p["model"]} runs with RANDOM weights '
@@ -134,9 +150,11 @@ class CloudNode(Node):
         self._running = True
         self._zenoh = None
         if p['transport'] == 'zenoh':
-            from sage_ros.transport.zenoh_link import open_session, reply_key, robot_of
+            import zenoh
 
-            self._zenoh = open_session(config_path(p['zenoh_config']), connect=p['zenoh_connect'])
+            from sage_ros.transport.zenoh_link import reply_key, robot_of
+
+            self._zenoh = zenoh.open(zenoh_conf)
             req_suffix, res_suffix = p['patch_set_topic'].strip('/'), p['cloud_result_topic'].strip('/')
             session = self._zenoh
 
