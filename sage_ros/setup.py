@@ -30,7 +30,7 @@ setup(
             'sage-ros = sage_ros.cli:main',
             'sage_edge = sage_ros.nodes.edge_node:main',
             'sage_cloud = sage_ros.nodes.cloud_node:main',
-            'sage_router = sage_ros.transport.router:main',
+            'sage_router = sage_ros.nodes.router_node:main',
         ],
     },
 )

@@ -17,10 +17,10 @@
    Ubuntu 24.04 has 3.12, which sage_ros/test/test_robot_requirements.py resolves). Tags up to
    the root's glibc only. Checked: exactly the pins, no torch or CUDA wheel.
 3. The edge exported with ``sage-ros export-edge`` (random weights), a few real images from
-   $SAGE_ROS_DATA sent as camera JPEGs, and ``python -m sage_ros.cross_arch run`` over them with
+   $SAGE_ROS_DATA sent as camera JPEGs, and ``python -m sage_ros.bench.cross_arch run`` over them with
    ONNX Runtime here (x86, this venv) and in the root (aarch64, the robot's pins, sage_ros from
    source, no torch).
-4. :func:`sage_ros.cross_arch.compare`: gate decisions and SAGE patches equal, outputs within
+4. :func:`sage_ros.bench.cross_arch.compare`: gate decisions and SAGE patches equal, outputs within
    FP32_TOLERANCE; payload bytes reported. Exit 1 on a mismatch, 2 when it could not run.
 
 Run time here (2 cores, shared): 123 s the first time (apt-get, root and wheels: 49 s), 89 s
@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO / 'sage_ros' / 'test'))  # the robot requirements' p
 
 from test_robot_requirements import FORBIDDEN, PLATFORMS, REQUIREMENTS, _canonical, _pins  # noqa: E402
 
-from sage_ros.cross_arch import compare, format_summary, write_camera_frames  # noqa: E402
-from sage_ros.images import list_images  # noqa: E402
+from sage_ros.bench.cross_arch import compare, format_summary, write_camera_frames  # noqa: E402
+from sage_ros.commands.images import list_images  # noqa: E402
 
 SUITE = 'bookworm'  # Debian 12: python3 is 3.11
 PYTHON = '3.11'
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             out = work / f'{arch}.json'
             out.unlink(missing_ok=True)
-            _run([*cmd, '-m', 'sage_ros.cross_arch', 'run', str(model), *map(str, frames), '-o', str(out)],
+            _run([*cmd, '-m', 'sage_ros.bench.cross_arch', 'run', str(model), *map(str, frames), '-o', str(out)],
                  f'the edge on {arch}', env=env, timeout=3600, cwd=work)
             records[arch] = out
             print(f'edge on {arch}: {time.perf_counter() - t:.0f} s', flush=True)

@@ -10,7 +10,7 @@ side:=edge starts the edge node only (the robot), side:=cloud the router and the
 Parameters take one route, the one `sage-ros up` takes: the package's config/sage_ros.yaml,
 then `params_file:=` (your file in the same format, nav2 style: node keys such as
 /**/sage_edge, /robot1/sage_edge, sage_router, or the namespace as root key), then the
-arguments below. sage_ros.node_plan.launch_nodes merges them into one file keyed by each
+arguments below. sage_ros.nodes.launch_plan.launch_nodes merges them into one file keyed by each
 node's full name, and every node gets that file, the router included. Empty arguments keep the
 files' values.
 """
@@ -23,12 +23,12 @@ from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironment
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from sage_ros.node_plan import LAUNCH_ARGS, LaunchArgumentError, launch_nodes
+from sage_ros.nodes.launch_plan import LAUNCH_ARGS, LaunchArgumentError, launch_nodes
 from sage_ros.params import FASTDDS_PROFILE
 
 # Only the translation into launch_ros actions lives here: which nodes start, with which
 # parameter file, namespace and remappings, and every argument's meaning and error come from
-# sage_ros.node_plan.launch_nodes, which `sage-ros up` uses too and the tests run.
+# sage_ros.nodes.launch_plan.launch_nodes, which `sage-ros up` uses too and the tests run.
 
 
 def _stop_launch(node):

@@ -37,19 +37,19 @@ def _params(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from sage_ros.images import ImageReader, demo_images
-    from sage_ros.preflight import check_models
+    from sage_ros.commands.images import ImageReader, demo_images
+    from sage_ros.core.preflight import check_models
 
     edge, cloud = _params(args)
     images = demo_images(args.images, args.limit)
     check_models(edge, cloud)
     if args.offline:
-        from sage_ros.demo import run_demo
+        from sage_ros.commands.demo import run_demo
 
         reader = ImageReader(images)
         run_demo(reader.frames(), edge, cloud, skipped=reader.skipped)
         return 0
-    from sage_ros.system_demo import run_system_demo
+    from sage_ros.commands.system_demo import run_system_demo
 
     summary = run_system_demo(images, _overrides(args), directory=args.config.resolve() if args.config else None,
                               edge_params=edge, log_path=args.log)
@@ -58,7 +58,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.fleet:
-        from sage_ros.eval.fleet_bench import batching, fleet_scale, flood_fairness, many_prefixes, ray_replicas
+        from sage_ros.bench.fleet import batching, fleet_scale, flood_fairness, many_prefixes, ray_replicas
 
         overrides = {'weights': args.weights, **parse_overrides(args.param)}
         check_overrides_known(overrides, NODES)
@@ -72,7 +72,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             parts[part]()
         return 0
     if args.robot:
-        from sage_ros.eval.robot_bench import run_robot_bench
+        from sage_ros.bench.robot import run_robot_bench
 
         if args.param:
             raise ValueError('-p applies to --pipeline and --fleet only')
@@ -84,7 +84,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 log.close()
         return 0
     if args.pipeline:
-        from sage_ros.eval.pipeline_bench import run_from_args
+        from sage_ros.bench.pipeline import run_from_args
 
         overrides = {'weights': args.weights, **parse_overrides(args.param)}
         check_overrides_known(overrides, NODES)
@@ -95,19 +95,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.param:
         raise ValueError('-p applies to --pipeline only')
     if args.edge_runtimes:
-        from sage_ros.edge_bench import run_edge_runtime_bench
+        from sage_ros.bench.edge import run_edge_runtime_bench
 
         run_edge_runtime_bench(args.images, n_images=args.n_images, weights=args.weights,
                                threads=tuple(args.threads))
         return 0
-    from sage_ros.bench import run_bench
+    from sage_ros.bench.micro import run_bench
 
     run_bench(args.images, n_images=args.n_images, repeat=args.repeat, weights=args.weights)
     return 0
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from sage_ros.bringup import plan, run_up
+    from sage_ros.commands.bringup import plan, run_up
 
     overrides = _overrides(args)
     directory = args.config.resolve() if args.config else None
@@ -189,7 +189,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
         return 0 if summary['results'] > 0 else 1
     if args.namespace:
         raise ValueError('--namespace applies with --live only')
-    from sage_ros.preflight import check_models
+    from sage_ros.core.preflight import check_models
 
     check_models(edge, cloud)
     replay_offline(args.bag, edge, cloud, out=args.out, storage=args.storage, limit=args.limit)
@@ -197,7 +197,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from sage_ros.transport.security import DeploymentError, write_deployment
+    from sage_ros.commands.certs import DeploymentError, write_deployment
 
     try:
         files = write_deployment(args.out, robots=args.robots, cloud_hosts=args.cloud_host, port=args.port,
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help='--robot: the exported edge model to measure (default: export one, random weights)')
     bench.add_argument('-p', '--param', action='append', default=[], metavar='NAME:=VALUE',
                        help='--pipeline: node parameter override, ROS style (e.g. -p max_in_flight:=8)')
-    from sage_ros.eval.pipeline_bench import add_arguments as add_pipeline_arguments
+    from sage_ros.bench.pipeline import add_arguments as add_pipeline_arguments
 
     add_pipeline_arguments(bench.add_argument_group('--pipeline options'))
     bench.set_defaults(func=_cmd_bench)

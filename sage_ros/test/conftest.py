@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from sage_ros.core import load_vit
-from sage_ros.images import list_images, read_rgb
+from sage_ros.commands.images import list_images, read_rgb
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def ros_env():
     """
     import rclpy
 
-    from sage_ros.bringup import dds_defaults
+    from sage_ros.commands.bringup import dds_defaults
 
     os.environ['ROS_DOMAIN_ID'] = str(101 + os.getpid() % 100)
     os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
@@ -84,7 +84,7 @@ def base():
 
 
 def _stop_grace_s() -> float:
-    from sage_ros.bringup import Bringup
+    from sage_ros.commands.bringup import Bringup
 
     return float(inspect.signature(Bringup.stop).parameters['timeout'].default)
 
@@ -119,13 +119,13 @@ def wait_uplink(client, timeout: float = 30.0) -> None:
 def system_up(log_dir: Path, name: str, *, relay_delay_s: float = 0.0, **overrides):
     """``with system_up(log_dir, name, relay_delay_s=0.0, **overrides) as (bringup, client, endpoint)``:
     router, cloud and edge (random weights, a free port, the edge behind a
-    :class:`~sage_ros.eval.delay_relay.DelayRelay` of ``relay_delay_s`` each way when > 0), and
+    :class:`~sage_ros.bench.delay_relay.DelayRelay` of ``relay_delay_s`` each way when > 0), and
     a LiveClient ``name`` fed their results, on the default topics; their log in
     ``log_dir/name.log``. With a relay it waits for the uplink. Needs the ros_env fixture."""
-    from sage_ros.bringup import Bringup, plan
-    from sage_ros.eval.delay_relay import DelayRelay
-    from sage_ros.live_client import LiveClient
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import Bringup, plan
+    from sage_ros.bench.delay_relay import DelayRelay
+    from sage_ros.ros.live_client import LiveClient
+    from sage_ros.commands.system_demo import free_port
 
     port = free_port()
     endpoint = f'tcp/127.0.0.1:{port}'

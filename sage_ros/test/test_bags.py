@@ -20,8 +20,8 @@ from sage_ros.eval.bags import (
     read_results_bag,
     write_image_bag,
 )
-from sage_ros.images import LabeledImage, read_labels, read_rgb
-from sage_ros.typestore import typestore
+from sage_ros.commands.images import LabeledImage, read_labels, read_rgb
+from sage_ros.transport.typestore import typestore
 
 START = 1_700_000_000_123_456_789
 RATE = 7.0

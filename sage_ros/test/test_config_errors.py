@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-import sage_ros.bringup
-from sage_ros.bringup import Bringup, plan
+import sage_ros.commands.bringup
+from sage_ros.commands.bringup import Bringup, plan
 from sage_ros.cli import main
-from sage_ros.live_client import LiveClient
-from sage_ros.node_plan import LaunchArgumentError, launch_nodes
+from sage_ros.ros.live_client import LiveClient
+from sage_ros.nodes.launch_plan import LaunchArgumentError, launch_nodes
 from sage_ros.params import read_params_file
-from sage_ros.system_demo import free_port
+from sage_ros.commands.system_demo import free_port
 from test_security import _until
 
 
@@ -48,7 +48,7 @@ def no_node_starts(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError('a node was started before the error')
 
-    monkeypatch.setattr(sage_ros.bringup, 'run_up', started)
+    monkeypatch.setattr(sage_ros.commands.bringup, 'run_up', started)
 
 
 def _one_line(capsys, kind: str) -> str:
@@ -92,7 +92,7 @@ def planned(monkeypatch):
         procs.extend(p)
         return 0
 
-    monkeypatch.setattr(sage_ros.bringup, 'run_up', run_up)
+    monkeypatch.setattr(sage_ros.commands.bringup, 'run_up', run_up)
     return procs
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from sage_ros.core.gate import gate_score
 from sage_ros.core.onnx_edge import FP32_TOLERANCE
-from sage_ros.cross_arch import compare, gate_thresholds, main
+from sage_ros.bench.cross_arch import compare, gate_thresholds, main
 
 BUDGETS = [16, 32]
 

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 import zenoh
 
-from sage_ros.eval.delay_relay import DelayRelay
-from sage_ros.system_demo import free_port
+from sage_ros.bench.delay_relay import DelayRelay
+from sage_ros.commands.system_demo import free_port
 
 DELAY_S = 0.2
 

@@ -24,10 +24,10 @@ from rclpy.parameter_client import AsyncParameterClient
 from rclpy.serialization import deserialize_message
 from sage_ros_msgs.msg import OffloadResult, PatchSet
 
-from sage_ros.bringup import Bringup, plan
-from sage_ros.images import list_images, read_rgb
-from sage_ros.live_client import LiveClient, stamp_ns
-from sage_ros.system_demo import free_port
+from sage_ros.commands.bringup import Bringup, plan
+from sage_ros.commands.images import list_images, read_rgb
+from sage_ros.ros.live_client import LiveClient, stamp_ns
+from sage_ros.commands.system_demo import free_port
 from conftest import stop_by_signal, system_up
 
 EDGE, CLOUD, FALLBACK = OffloadResult.SOURCE_EDGE, OffloadResult.SOURCE_CLOUD, OffloadResult.SOURCE_EDGE_FALLBACK

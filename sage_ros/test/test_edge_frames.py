@@ -62,7 +62,7 @@ def test_a_12mp_jpeg_is_decoded_reduced_and_described_as_sent(edge, real_images)
 
     from sage_ros.core.offload import Budget
     from sage_ros.params import gate_config, selection_config
-    from sage_ros.ros_image import compressed_to_rgb, decode_compressed
+    from sage_ros.ros.ros_image import compressed_to_rgb, decode_compressed
 
     p = edge._params
     _, full_map = edge._pipeline.crop(compressed_to_rgb(frame.rgb_source), p['crop_pct'])

@@ -32,8 +32,8 @@ from sage_ros.core import (
     resize_crop,
 )
 from sage_ros.core.preprocess import MAX_ASPECT, MAX_PIXELS, MIN_SIDE, normalize
-from sage_ros.images import list_images, read_rgb
-from sage_ros.ros_image import (
+from sage_ros.commands.images import list_images, read_rgb
+from sage_ros.ros.ros_image import (
     compressed_to_rgb,
     decode_compressed,
     decode_short_side,

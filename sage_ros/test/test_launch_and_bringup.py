@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sage_ros.bringup import plan
+from sage_ros.commands.bringup import plan
 from sage_ros.params import load_params, read_params_file
 
 def _params_of(proc):
@@ -24,7 +24,7 @@ def test_up_plans_processes_per_side_with_one_params_file_keyed_by_node():
     by = {p.name: p for p in procs}
     assert list(by) == ['router', 'cloud', 'edge']
     assert by['edge'].argv[:3] == [sys.executable, '-m', 'sage_ros.nodes.edge_node']
-    assert by['router'].argv[:3] == [sys.executable, '-m', 'sage_ros.transport.router']
+    assert by['router'].argv[:3] == [sys.executable, '-m', 'sage_ros.nodes.router_node']
     assert by['edge'].argv[-2:] == ['-r', '__ns:=/robot1'] and '-p' not in by['edge'].argv
     doc = _params_of(by['edge'])
     assert _params_of(by['router']) == doc  # one file for the side, every node in it

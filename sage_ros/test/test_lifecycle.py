@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sage_ros.bringup import Bringup, Proc, plan
+from sage_ros.commands.bringup import Bringup, Proc, plan
 from sage_ros.params import read_params_file
-from sage_ros.system_demo import free_port
+from sage_ros.commands.system_demo import free_port
 from conftest import STOP_GRACE_S
 
 # A node without torch, so the runner's behaviour is tested in a second or two: it builds
@@ -129,7 +129,7 @@ def test_router_on_a_busy_port_says_so_in_one_line(ros_env):
         busy.bind(('127.0.0.1', 0))
         busy.listen()
         endpoint = f'tcp/127.0.0.1:{busy.getsockname()[1]}'
-        code, out = _run([sys.executable, '-m', 'sage_ros.transport.router', '--ros-args',
+        code, out = _run([sys.executable, '-m', 'sage_ros.nodes.router_node', '--ros-args',
                          '-p', f'zenoh_listen:={endpoint}'])
     assert code == 2
     assert len(_lines(out)) == 1, out
@@ -140,7 +140,7 @@ def test_router_on_a_busy_port_says_so_in_one_line(ros_env):
 @pytest.mark.parametrize('args', [['-p'], ['--params-file'], ['-p', 'zenoh_listen:=5'], ['-p', 'zenoh_listen']])
 def test_router_rejects_bad_ros_args_in_one_line(ros_env, args):
     # The router is a ROS node: rcl parses its arguments, the runner reports in one line.
-    code, out = _run([sys.executable, '-m', 'sage_ros.transport.router', '--ros-args', *args])
+    code, out = _run([sys.executable, '-m', 'sage_ros.nodes.router_node', '--ros-args', *args])
     assert code == 2, out
     # rcl itself logs 'Failed to parse global arguments' first for arguments it cannot parse.
     lines = [line for line in _lines(out) if '[rcl]: Failed to parse global arguments' not in line]

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sage_ros.bringup import Bringup, plan
-from sage_ros.live_client import LiveClient
-from sage_ros.system_demo import free_port
+from sage_ros.commands.bringup import Bringup, plan
+from sage_ros.ros.live_client import LiveClient
+from sage_ros.commands.system_demo import free_port
 from sage_ros.transport.uplink_watch import (NO_CLOUD, NO_ROUTER, UNANSWERED, RouteContext, Trouble, UplinkWatch,
                                             problem_line)
 from sage_ros.transport.zenoh_link import Identity, load_config, session_identity

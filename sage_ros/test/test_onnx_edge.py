@@ -25,7 +25,7 @@ from sage_ros.core import Budget, WeightsError, edge_forward, normalize, plan_of
 from sage_ros.core.models import EdgeOutput, ModelCard, edge_runtime, load_edge_model
 from sage_ros.core.onnx_edge import CARD_KEY, FP32_TOLERANCE, INT8, QUANTIZATION_KEY, OnnxEdgeModel, session_options
 from sage_ros.core.pipeline import EdgePipeline
-from sage_ros.images import list_images, read_rgb
+from sage_ros.commands.images import list_images, read_rgb
 from sage_ros.params import gate_config, load_params, selection_config
 
 MODEL = 'deit_tiny_patch16_224'
@@ -252,7 +252,7 @@ def test_onnx_edge_process_imports_no_torch(exported, imagenet_dir):
         import sys
         from sage_ros.core.models import load_edge_model
         from sage_ros.core.pipeline import EdgePipeline, GateConfig
-        from sage_ros.images import read_rgb
+        from sage_ros.commands.images import read_rgb
         pipeline = EdgePipeline(load_edge_model({MODEL!r}, {str(exported)!r}, num_threads=1))
         decision = pipeline.analyze(read_rgb({str(image)!r}), GateConfig())
         assert decision.edge.attention.shape == (196,)
@@ -294,7 +294,7 @@ def test_the_system_runs_with_the_edge_on_onnx_runtime(running_system, exported,
 def test_edge_bench_worker_measures_the_onnx_edge_without_torch(exported, imagenet_dir):
     """One worker of `sage-ros bench --edge-runtimes`, as the bench drives it; and its comparison
     of two workers' decisions."""
-    from sage_ros.edge_bench import _agreement, _median_split_agreement, _Run
+    from sage_ros.bench.edge import _agreement, _median_split_agreement, _Run
 
     paths = [str(it.path) for it in list_images(imagenet_dir / 'images')[:3]]
     run = _Run('onnxruntime fp32', 1, str(exported))

@@ -17,11 +17,11 @@ import statistics
 import time
 from typing import Any
 
-from sage_ros.bringup import Bringup, plan
-from sage_ros.eval.delay_relay import DelayRelay
-from sage_ros.eval.pipeline_bench import calibrate_eta, camera_frames, gate_scores, set_edge_eta
+from sage_ros.commands.bringup import Bringup, plan
+from sage_ros.bench.delay_relay import DelayRelay
+from sage_ros.bench.pipeline import calibrate_eta, camera_frames, gate_scores, set_edge_eta
 from sage_ros.params import load_params
-from sage_ros.system_demo import free_port
+from sage_ros.commands.system_demo import free_port
 
 from conftest import wait_uplink
 
@@ -37,7 +37,7 @@ def _client(name: str) -> Any:
     """A LiveClient that also notes when each final result and provisional label arrived."""
     from sage_ros_msgs.msg import OffloadResult
 
-    from sage_ros.live_client import LiveClient, stamp_ns
+    from sage_ros.ros.live_client import LiveClient, stamp_ns
 
     class Client(LiveClient):
         def __init__(self) -> None:

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from sage_ros.eval.robot_bench import MB, UpProcess, rss_bytes, sage_ros_command, torch_libraries
-from sage_ros.system_demo import free_port
+from sage_ros.bench.robot import MB, UpProcess, rss_bytes, sage_ros_command, torch_libraries
+from sage_ros.commands.system_demo import free_port
 
 HEAVY = ('torch', 'timm', 'torchvision')
 
@@ -24,7 +24,7 @@ def test_the_light_modules_import_no_torch():
     # core, which must bring torch in (so the check sees torch when it is there).
     code = '\n'.join([
         'import sys',
-        'import sage_ros.cli, sage_ros.bringup, sage_ros.node_plan, sage_ros.transport.router, sage_ros.ros_image',
+        'import sage_ros.cli, sage_ros.commands.bringup, sage_ros.nodes.launch_plan, sage_ros.nodes.router_node, sage_ros.ros.ros_image',
         'import sage_ros.core.gate, sage_ros.core.selection, sage_ros.core.link, sage_ros.core.rounds',
         'from sage_ros.core import SageError, CropMap, check_frame_geometry, gate_score, select_sage',
         'sage_ros.cli.build_parser()',

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """The robot deployment as far as package registries allow: `colcon build` of both packages
 from a clean copy (colcon is on PyPI), and every `ros2 launch` line of the README's robot
-section through :func:`sage_ros.node_plan.launch_nodes`, the function the launch file is a thin
+section through :func:`sage_ros.nodes.launch_plan.launch_nodes`, the function the launch file is a thin
 translation of. ROS 2's `launch`, `launch_ros` and `ros2cli` are on no registry, so `ros2 launch`,
 `ros2 param` and `ros2 topic` themselves do not run here (the README says which lines these are).
 """
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sage_ros.bringup import Bringup, Proc, plan
-from sage_ros.node_plan import CAMERA, LAUNCH_ARGS, LaunchArgumentError, launch_nodes
-from sage_ros.system_demo import free_port
+from sage_ros.commands.bringup import Bringup, Proc, plan
+from sage_ros.nodes.launch_plan import CAMERA, LAUNCH_ARGS, LaunchArgumentError, launch_nodes
+from sage_ros.commands.system_demo import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH_FILE = REPO / 'sage_ros' / 'launch' / 'edge_cloud.launch.py'
@@ -63,7 +63,7 @@ def test_the_launch_file_only_translates_launch_nodes_into_actions():
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert functions == {'_stop_launch', '_nodes', 'generate_launch_description'}
     imported = {(n.module, a.name) for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
-    assert {('sage_ros.node_plan', 'launch_nodes'), ('sage_ros.node_plan', 'LAUNCH_ARGS')} <= imported
+    assert {('sage_ros.nodes.launch_plan', 'launch_nodes'), ('sage_ros.nodes.launch_plan', 'LAUNCH_ARGS')} <= imported
     # No parameter logic of its own: no module-level tables besides what it imports.
     assert not [n for n in tree.body if isinstance(n, ast.Assign)]
 
@@ -216,7 +216,7 @@ def test_readme_cloud_and_robot_lines_run_as_their_plan_says(ros_env, real_image
     """The README's cloud and robot `ros2 launch` lines, started as processes with exactly the
     --ros-args that launch_ros gives them: the robot in /robot1 takes frames from the remapped
     camera topic and answers each on /robot1/sage/result; Ctrl-C stops every node with exit 0."""
-    from sage_ros.live_client import LiveClient
+    from sage_ros.ros.live_client import LiveClient
 
     cloud_line, robot_line = [c for c in readme_launches() if 'side:=cloud weights' in c or 'camera_topic:=' in c]
     port = str(free_port())

@@ -100,8 +100,8 @@ from sage_ros.core.gate import gate_score
 from sage_ros.core.onnx_edge import load_onnx_edge
 from sage_ros.core.preprocess import normalize
 from sage_ros.core.selection import select_sage
-from sage_ros.images import list_images, read_rgb
-from sage_ros.ros_image import decode_compressed, decode_short_side
+from sage_ros.commands.images import list_images, read_rgb
+from sage_ros.ros.ros_image import decode_compressed, decode_short_side
 model = load_onnx_edge(sys.argv[1], num_threads=1)
 card = model.card
 out = {'versions': [np.__version__, cv2.__version__], 'frames': []}

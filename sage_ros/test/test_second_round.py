@@ -22,9 +22,9 @@ from rclpy.parameter_client import AsyncParameterClient
 from rclpy.serialization import deserialize_message, serialize_message
 from sage_ros_msgs.msg import CloudResult, OffloadResult, PatchSet
 
-from sage_ros.eval.fleet_bench import real_requests
-from sage_ros.images import list_images, read_rgb
-from sage_ros.live_client import LiveClient
+from sage_ros.bench.fleet import real_requests
+from sage_ros.commands.images import list_images, read_rgb
+from sage_ros.ros.live_client import LiveClient
 from conftest import wait_uplink
 
 CLOUD = OffloadResult.SOURCE_CLOUD

@@ -10,11 +10,11 @@ import time
 import pytest
 import zenoh
 
-from sage_ros.bringup import Bringup, plan
+from sage_ros.commands.bringup import Bringup, plan
 from sage_ros.cli import main
-from sage_ros.live_client import LiveClient
-from sage_ros.system_demo import free_port
-from sage_ros.transport.security import write_deployment
+from sage_ros.ros.live_client import LiveClient
+from sage_ros.commands.system_demo import free_port
+from sage_ros.commands.certs import write_deployment
 from conftest import wait_uplink
 
 
@@ -140,7 +140,7 @@ def test_certs_cli(tmp_path, capsys):
 
 def test_nodes_over_mutual_tls(deployment, ros_env, imagenet_dir, tmp_path):
     """The real router, cloud node and edge node with the generated configs."""
-    from sage_ros.images import list_images, read_rgb
+    from sage_ros.commands.images import list_images, read_rgb
 
     f = deployment['files']
     port = free_port()
@@ -176,7 +176,7 @@ def test_nodes_over_mutual_tls(deployment, ros_env, imagenet_dir, tmp_path):
     (['a/b'], 'not a valid'), (['1robot'], 'not a valid'), ([], 'at least one'),
 ])
 def test_certs_refuse_dangerous_robot_ids(tmp_path, robots, why):
-    from sage_ros.transport.security import DeploymentError
+    from sage_ros.commands.certs import DeploymentError
 
     with pytest.raises(DeploymentError, match=why):
         write_deployment(tmp_path / 'd', robots=robots, cloud_hosts=['127.0.0.1'])

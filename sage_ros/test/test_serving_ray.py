@@ -99,9 +99,9 @@ def test_the_cloud_node_is_an_ingress_to_ray_serve_end_to_end(ray_backend, ros_e
 
     from sage_ros.serving.ray_backend import APP
 
-    from sage_ros.bringup import Bringup, plan
-    from sage_ros.live_client import LiveClient
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import Bringup, plan
+    from sage_ros.ros.live_client import LiveClient
+    from sage_ros.commands.system_demo import free_port
 
     # The module's deployment goes: the node deploys its own in its place (a fresh deployment,
     # not an update rolling over the old replicas on these few CPUs).

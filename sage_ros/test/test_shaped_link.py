@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from sage_ros.bringup import Bringup, plan
-from sage_ros.eval.link_step import load, plot
+from sage_ros.commands.bringup import Bringup, plan
+from sage_ros.bench.link_step import load, plot
 
 PHASES = '8mbit:8,400kbit:15,8mbit:12,24kbit:8+,8mbit:12'  # rate:seconds ('+': then until suspended)
 CALIBRATION = '8mbit:6'
@@ -82,7 +82,7 @@ def _in_ns(ns: str, procs):
 
 
 def _link_step(netns, imagenet_dir: Path, phases: str, out: Path) -> None:
-    subprocess.run(['ip', 'netns', 'exec', netns['robot'], sys.executable, '-m', 'sage_ros.eval.link_step',
+    subprocess.run(['ip', 'netns', 'exec', netns['robot'], sys.executable, '-m', 'sage_ros.bench.link_step',
                     str(imagenet_dir / 'images'), '--device', netns['robot_dev'], '--phases', phases,
                     '--fps', '30', '--out', str(out)], check=True, timeout=600, env=os.environ.copy())
 

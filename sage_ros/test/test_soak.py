@@ -19,10 +19,10 @@ import zenoh
 from rclpy.serialization import deserialize_message, serialize_message
 from sage_ros_msgs.msg import CloudResult
 
-from sage_ros.bringup import Bringup, plan
-from sage_ros.eval.fleet_bench import real_requests
-from sage_ros.live_client import LiveClient
-from sage_ros.system_demo import free_port
+from sage_ros.commands.bringup import Bringup, plan
+from sage_ros.bench.fleet import real_requests
+from sage_ros.ros.live_client import LiveClient
+from sage_ros.commands.system_demo import free_port
 from conftest import stop_by_signal
 
 SOAK_S = float(os.environ.get('SAGE_ROS_SOAK_S', '60'))

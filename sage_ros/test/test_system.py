@@ -23,13 +23,13 @@ from rclpy.parameter_client import AsyncParameterClient
 from rclpy.serialization import deserialize_message, serialize_message
 from sage_ros_msgs.msg import CloudResult, OffloadResult, PatchSet
 
-from sage_ros.bringup import Bringup, plan
+from sage_ros.commands.bringup import Bringup, plan
 from sage_ros.core import Budget, classify_patches, edge_forward, normalize, plan_offload, resize_crop
-from sage_ros.images import list_images, read_rgb
-from sage_ros.live_client import LiveClient
+from sage_ros.commands.images import list_images, read_rgb
+from sage_ros.ros.live_client import LiveClient
 from sage_ros.params import load_params, selection_config
-from sage_ros.system_demo import free_port
-from sage_ros.typestore import typestore
+from sage_ros.commands.system_demo import free_port
+from sage_ros.transport.typestore import typestore
 
 # A deadline far beyond a round trip here: every offloaded frame is answered by the cloud,
 # whatever this machine's speed (the tests that need a deadline to pass make it so).

@@ -4,7 +4,7 @@ import pytest
 from sensor_msgs.msg import CompressedImage, Image
 
 from sage_ros.core import PreprocessError
-from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
+from sage_ros.ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
 from sage_ros.transport.zenoh_link import reply_key, robot_of, topic_to_key
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-import sage_ros.bringup
+import sage_ros.commands.bringup
 import sage_ros.core.torch_models
-import sage_ros.demo
+import sage_ros.commands.demo
 import sage_ros.eval.sweep
 from sage_ros.cli import build_parser, main
 from sage_ros.eval.bags import labeled_images_from_folder, read_results_bag, write_image_bag
-from sage_ros.images import ImageReader, LabeledImage
-from sage_ros.preflight import UnusableSetting, check_device
+from sage_ros.commands.images import ImageReader, LabeledImage
+from sage_ros.core.preflight import UnusableSetting, check_device
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,11 +31,11 @@ def no_model_loads(monkeypatch):
     def loaded(*args, **kwargs):
         raise AssertionError('a model was loaded (or the system brought up) before the error')
 
-    monkeypatch.setattr(sage_ros.demo, 'load_vit', loaded)
-    monkeypatch.setattr(sage_ros.demo, 'load_edge_model', loaded)
+    monkeypatch.setattr(sage_ros.commands.demo, 'load_vit', loaded)
+    monkeypatch.setattr(sage_ros.commands.demo, 'load_edge_model', loaded)
     monkeypatch.setattr(sage_ros.eval.sweep, 'load_vit', loaded)
     monkeypatch.setattr(sage_ros.core.torch_models, 'load_vit', loaded)
-    monkeypatch.setattr(sage_ros.bringup.Bringup, 'start', loaded)
+    monkeypatch.setattr(sage_ros.commands.bringup.Bringup, 'start', loaded)
 
 
 @pytest.fixture(scope='module')

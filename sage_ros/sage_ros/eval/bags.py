@@ -18,9 +18,9 @@ import numpy as np
 from rosbags.interfaces import Connection
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 
-from sage_ros.images import IMAGE_SUFFIXES, LabeledImage, list_images, read_rgb
-from sage_ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
-from sage_ros.typestore import typestore
+from sage_ros.commands.images import IMAGE_SUFFIXES, LabeledImage, list_images, read_rgb
+from sage_ros.ros.ros_image import compressed_to_rgb, image_to_rgb, rgb_to_image_fields
+from sage_ros.transport.typestore import typestore
 
 IMAGE_TOPIC = '/camera/image_raw'
 LABEL_TOPIC = '/camera/label'
@@ -63,7 +63,7 @@ def _is_image(path: Path) -> bool:
 
 def labeled_images_from_folder(folder: Path, *, labels: Path | None = None, limit: int = 0) -> list[LabeledImage]:
     """Images of a flat folder (labels from a ``file,class_index,...`` CSV, see
-    :func:`sage_ros.images.list_images`) or of an ImageNet-style tree ``folder/<wnid>/*`` (labels
+    :func:`sage_ros.commands.images.list_images`) or of an ImageNet-style tree ``folder/<wnid>/*`` (labels
     from the wnid, in timm's ImageNet-1K order), sorted; at most ``limit`` (0: all)."""
     folder = Path(folder)
     if not folder.is_dir():

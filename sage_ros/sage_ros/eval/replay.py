@@ -54,7 +54,7 @@ def replay_offline(bag: Path, edge: dict[str, Any], cloud: dict[str, Any], *, ou
 
     writer = ResultBagWriter(out, storage=storage) if out else None
     try:
-        from sage_ros.demo import run_demo
+        from sage_ros.commands.demo import run_demo
 
         def record(frame: Any) -> None:
             if writer is not None:
@@ -90,13 +90,13 @@ def replay_live(bag: Path, *, rate: float = 1.0, out: Path | None = None, storag
     recorded stamps; record every OffloadResult into ``out``. Frames and results pair by stamp.
 
     Relative topics resolve in ``namespace`` (the robot's). An edge node that does not subscribe
-    within ``wait_edge_s`` raises :class:`~sage_ros.live_client.EdgeNotFound`."""
+    within ``wait_edge_s`` raises :class:`~sage_ros.ros.live_client.EdgeNotFound`."""
     total = count_frames(bag)  # a bag that cannot be read fails before anything starts
     total = min(total, limit) if limit else total
     import rclpy
     from rclpy.serialization import serialize_message
 
-    from sage_ros.live_client import SOURCE_NAMES, LiveClient
+    from sage_ros.ros.live_client import SOURCE_NAMES, LiveClient
 
     writer = ResultBagWriter(out, storage=storage) if out else None
     context = rclpy.Context()

@@ -18,7 +18,7 @@ from sage_ros.eval.bags import bag_fingerprint
 from sage_ros.eval.report import write_csv, write_markdown, write_plots
 from sage_ros.eval.sweep import SweepConfig, rows, run_sweep
 from sage_ros.params import method_params
-from sage_ros.preflight import check_weights
+from sage_ros.core.preflight import check_weights
 
 MANIFEST = 'sweep.json'
 REPORTS = ('results.csv', 'results.md')

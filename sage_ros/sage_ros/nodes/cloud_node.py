@@ -43,10 +43,10 @@ from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import config_path
-from sage_ros.preflight import check_device, check_weights
+from sage_ros.core.preflight import check_device, check_weights
 from sage_ros.serving import LocalBackend, ServerBackend
 from sage_ros.transport.wire import PATCH_SET_TYPE, RejectedRequest, decode_request
-from sage_ros.typestore import typestore
+from sage_ros.transport.typestore import typestore
 
 __all__ = ['CloudNode', 'RejectedRequest', 'decode_request', 'main']
 

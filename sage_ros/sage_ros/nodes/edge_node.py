@@ -49,12 +49,12 @@ from sage_ros.nodes.diagnostics import CounterDiagnostics, Counters
 from sage_ros.nodes.parameters import Spec, declare, validator
 from sage_ros.nodes.runner import run_node
 from sage_ros.params import FASTDDS_PROFILE, config_path, gate_config, selection_config, uplink_monitor
-from sage_ros.preflight import check_device, check_weights
-from sage_ros.ros_image import decode_compressed, decode_short_side, image_to_rgb, rgb_to_image_fields
+from sage_ros.core.preflight import check_device, check_weights
+from sage_ros.ros.ros_image import decode_compressed, decode_short_side, image_to_rgb, rgb_to_image_fields
 from sage_ros.transport.uplink_watch import (NO_ROUTER, UNANSWERED, RouteContext, UplinkWatch, problem_line,
                                             unresolved_line)
 from sage_ros.transport.wire import peek_request_id
-from sage_ros.typestore import typestore
+from sage_ros.transport.typestore import typestore
 
 SPECS = {
     'image_topic': Spec('camera sensor_msgs/Image topic, relative to the namespace ("" = off)', read_only=True),

@@ -16,7 +16,7 @@ from sage_ros_msgs.msg import PatchSet
 
 from sage_ros.core import decode_patches
 from sage_ros.core.request import RequestError, RequestLimits, check_request
-from sage_ros.typestore import typestore
+from sage_ros.transport.typestore import typestore
 
 PATCH_SET_TYPE = 'sage_ros_msgs/msg/PatchSet'
 _MAX_ID = 256

@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from sage_ros.bringup import Bringup, isolate_dds, plan
-from sage_ros.images import ImageReader, LabeledImage, format_skipped
+from sage_ros.commands.bringup import Bringup, isolate_dds, plan
+from sage_ros.commands.images import ImageReader, LabeledImage, format_skipped
 
 
 def free_port() -> int:
@@ -49,7 +49,7 @@ def run_system_demo(
     import rclpy
 
     from sage_ros.core.labels import class_name
-    from sage_ros.live_client import SOURCE_NAMES, LiveClient
+    from sage_ros.ros.live_client import SOURCE_NAMES, LiveClient
 
     overrides = isolated_overrides(overrides)
     log = open(log_path, 'w') if log_path else None  # noqa: SIM115 - closed below

@@ -16,7 +16,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sage_ros_msgs.msg import OffloadResult
 from sensor_msgs.msg import Image
 
-from sage_ros.ros_image import rgb_to_image_fields
+from sage_ros.ros.ros_image import rgb_to_image_fields
 
 SOURCE_NAMES = {OffloadResult.SOURCE_EDGE: 'edge', OffloadResult.SOURCE_CLOUD: 'cloud',
                 OffloadResult.SOURCE_EDGE_FALLBACK: 'fallback'}

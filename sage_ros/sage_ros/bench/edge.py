@@ -40,7 +40,7 @@ def _worker(model: str, weights: str, threads: int, int8: bool) -> None:
     from sage_ros.core.models import load_edge_model
     from sage_ros.core.pipeline import EdgePipeline
     from sage_ros.core.selection import select_detailed
-    from sage_ros.images import read_rgb
+    from sage_ros.commands.images import read_rgb
     from sage_ros.params import gate_config, load_params
 
     params = load_params('sage_edge')
@@ -67,7 +67,7 @@ def _worker(model: str, weights: str, threads: int, int8: bool) -> None:
         print(json.dumps({'frame_ms': (t3 - t0) * 1e3, 'forward_ms': (t2 - t1) * 1e3, 'score': decision.score,
                           'probs': edge.probs.tolist(), 'attention': edge.attention.tolist(), 'sage': sage}),
               flush=True)
-    from sage_ros.eval.robot_bench import MB, rss_bytes
+    from sage_ros.bench.robot import MB, rss_bytes
 
     print(json.dumps({'rss_mb': (rss_bytes(os.getpid()) or 0) / MB,
                       'heavy': sorted({m.split('.')[0] for m in sys.modules} & set(HEAVY_MODULES))}), flush=True)
@@ -86,7 +86,7 @@ class _Run:
     final: dict[str, Any] = field(default_factory=dict)
 
     def start(self, model: str) -> None:
-        cmd = [sys.executable, '-m', 'sage_ros.edge_bench', '--model', model, '--weights', self.weights,
+        cmd = [sys.executable, '-m', 'sage_ros.bench.edge', '--model', model, '--weights', self.weights,
                '--threads', str(self.threads)] + (['--int8'] if self.int8 else [])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -138,7 +138,7 @@ def run_edge_runtime_bench(images_dir: Path, *, n_images: int = 50, model: str =
     """Export the edge model, run the workers interleaved over ``n_images`` real images, print
     the comparison; returns the headline figures by name."""
     from sage_ros.core.onnx_export import export_edge
-    from sage_ros.images import list_images
+    from sage_ros.commands.images import list_images
     from sage_ros.params import load_params
 
     items = list_images(images_dir)
@@ -217,7 +217,7 @@ def _report(runs: list[_Run], threads: tuple[int, ...], eta: float, n: int, imag
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Worker entry point (``python -m sage_ros.edge_bench``), started by :func:`run_edge_runtime_bench`."""
+    """Worker entry point (``python -m sage_ros.bench.edge``), started by :func:`run_edge_runtime_bench`."""
     parser = argparse.ArgumentParser(description='edge bench worker: serves frames on stdin')
     parser.add_argument('--model', required=True)
     parser.add_argument('--weights', required=True)

@@ -79,7 +79,7 @@ def child_pids(pid: int) -> list[int]:
 
 def node_kind(pid: int) -> str | None:
     """'router', 'cloud' or 'edge' for a process running a sage_ros node (``-m MODULE``)."""
-    from sage_ros.node_plan import NODES
+    from sage_ros.nodes.launch_plan import NODES
 
     try:
         argv = Path(f'/proc/{pid}/cmdline').read_bytes().split(b'\0')
@@ -183,8 +183,8 @@ def process_memory(*, edge_onnx: Path | None = None, log: TextIO | None = None,
     loaded, one warm-up pass): ``--side both`` with random weights (the edge on torch), then,
     with ``edge_onnx``, ``--side edge`` with that exported model (the edge on ONNX Runtime).
     One row per kind, in :data:`KINDS` order."""
-    from sage_ros.bringup import isolate_dds
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import isolate_dds
+    from sage_ros.commands.system_demo import free_port
 
     isolate_dds()
     rows: dict[str, dict[str, Any]] = {}
@@ -225,7 +225,7 @@ def camera_jpeg(images_dir: Path, size: tuple[int, int] = FRAME_12MP, *, quality
     them, detail at every scale as in a camera frame), at ``quality``."""
     import cv2
 
-    from sage_ros.eval.pipeline_bench import camera_frames
+    from sage_ros.bench.pipeline import camera_frames
 
     w, h = size
     cells = camera_frames(images_dir, tiles * tiles, (w // tiles, h // tiles))
@@ -243,7 +243,7 @@ def jpeg_frame_cost(data: bytes, *, input_size: int, crop_pct: float, repeat: in
     from types import SimpleNamespace
 
     from sage_ros.core.preprocess import resize_crop
-    from sage_ros.ros_image import decode_compressed, decode_short_side
+    from sage_ros.ros.ros_image import decode_compressed, decode_short_side
 
     msg = SimpleNamespace(format='jpeg', data=data)
     out: dict[str, Any] = {'bytes': len(data)}
@@ -282,9 +282,9 @@ def camera_under_jpeg_frames(
     ``camera_fps`` on the raw topic, while ``jpeg`` arrives on the compressed topic at each of
     ``rates_hz`` for ``seconds``: the camera's results per second and the longest gap between
     two of them, and how many of the JPEG frames got a result."""
-    from sage_ros.bringup import Bringup, isolate_dds, plan
-    from sage_ros.eval.pipeline_bench import ETA_NOTHING, _client_class, camera_frames, default_images_dir
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import Bringup, isolate_dds, plan
+    from sage_ros.bench.pipeline import ETA_NOTHING, _client_class, camera_frames, default_images_dir
+    from sage_ros.commands.system_demo import free_port
 
     isolate_dds()
     import rclpy
@@ -360,7 +360,7 @@ def run_robot_bench(images_dir: Path | None = None, *, edge_onnx: Path | None = 
                     log: TextIO | None = None, emit: Callable[[str], None] = print) -> dict[str, Any]:
     """All the robot figures, printed as they come; ``edge_onnx`` None exports the edge model
     (random weights) with ``sage-ros export-edge`` into a temporary folder first."""
-    from sage_ros.eval.pipeline_bench import default_images_dir
+    from sage_ros.bench.pipeline import default_images_dir
     from sage_ros.params import load_params
 
     images_dir = images_dir or default_images_dir()

@@ -23,7 +23,7 @@ from sage_ros.params import load_params, parse_value, write_params_file
 SIDES = ('edge', 'cloud', 'both')
 # short name -> (ROS node name = executable, module run by `sage-ros up`)
 NODES = {
-    'router': ('sage_router', 'sage_ros.transport.router'),
+    'router': ('sage_router', 'sage_ros.nodes.router_node'),
     'cloud': ('sage_cloud', 'sage_ros.nodes.cloud_node'),
     'edge': ('sage_edge', 'sage_ros.nodes.edge_node'),
 }

@@ -2,7 +2,7 @@
 """The robot edge's frame work recorded on one machine and compared with another's: does an
 aarch64 robot (a Raspberry Pi 5) decide what x86 decides on the same frames?
 
-``python -m sage_ros.cross_arch run MODEL.onnx FRAME.jpg ... -o RESULT.json`` runs, without ROS
+``python -m sage_ros.bench.cross_arch run MODEL.onnx FRAME.jpg ... -o RESULT.json`` runs, without ROS
 or torch, what the edge node does with a compressed camera frame: decode it reduced, the model's
 crop, the ONNX Runtime forward (one thread), the gate, and the request SAGE plans at several
 budgets with the configured codec. It writes every output and decision as JSON.
@@ -35,7 +35,7 @@ from sage_ros.core.offload import Budget
 from sage_ros.core.onnx_edge import FP32_TOLERANCE
 from sage_ros.core.pipeline import EdgePipeline
 from sage_ros.params import gate_config, load_params, selection_config
-from sage_ros.ros_image import decode_compressed, decode_short_side
+from sage_ros.ros.ros_image import decode_compressed, decode_short_side
 
 DEFAULT_BUDGETS = (16, 32, 64, 96)
 # A camera frame as a Pi camera mode sends it (4:3, a multiple of 16), so the edge decodes it
@@ -218,7 +218,7 @@ def format_summary(result: dict[str, Any], reference: dict[str, Any], other: dic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m sage_ros.cross_arch', description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='python -m sage_ros.bench.cross_arch', description=__doc__.split('\n\n')[0])
     sub = parser.add_subparsers(dest='command', required=True)
     run = sub.add_parser('run', help='the edge work on compressed frames, written as JSON')
     run.add_argument('model', type=Path, help='edge model exported by `sage-ros export-edge` (.onnx)')

@@ -97,7 +97,7 @@ class ImageReader:
             yield item, rgb
 
     def frames(self) -> Iterator[tuple[str, np.ndarray, int | None]]:
-        """(name, RGB, label) of each readable image, for :func:`sage_ros.demo.run_demo`."""
+        """(name, RGB, label) of each readable image, for :func:`sage_ros.commands.demo.run_demo`."""
         for item, rgb in self:
             yield item.path.name, rgb, item.label
 

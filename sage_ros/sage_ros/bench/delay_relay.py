@@ -11,7 +11,7 @@ token bucket on a real uplink would. ``stop()`` closes the listener and every co
 which is what a peer sees when the link goes away; ``start()`` brings it back on the same
 port.
 
-Run standalone with ``python -m sage_ros.eval.delay_relay --listen 7448 --target
+Run standalone with ``python -m sage_ros.bench.delay_relay --listen 7448 --target
 127.0.0.1:7447 --delay-ms 100``.
 """
 
@@ -268,7 +268,7 @@ def _host_port(text: str, default_host: str = '127.0.0.1') -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m sage_ros.eval.delay_relay', description=__doc__,
+    parser = argparse.ArgumentParser(prog='python -m sage_ros.bench.delay_relay', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--listen', type=_host_port, required=True, help='PORT or HOST:PORT to listen on')
     parser.add_argument('--target', type=_host_port, required=True, help='HOST:PORT to forward to')

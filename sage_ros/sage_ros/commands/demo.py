@@ -13,7 +13,7 @@ from sage_ros.core import Budget, classify_patches, load_vit
 from sage_ros.core.models import load_edge_model
 from sage_ros.core.labels import class_name
 from sage_ros.core.pipeline import EdgePipeline
-from sage_ros.images import format_skipped
+from sage_ros.commands.images import format_skipped
 from sage_ros.params import gate_config, selection_config, starting_budget
 
 

@@ -14,7 +14,7 @@ MSG_NAMES = ('PatchSet', 'CloudResult', 'OffloadResult', 'FrameLabel', 'BudgetSt
 
 def msg_dir() -> Path:
     """The .msg files: the source tree's when running from it, else the installed share."""
-    src = Path(__file__).resolve().parents[2] / 'sage_ros_msgs' / 'msg'
+    src = Path(__file__).resolve().parents[3] / 'sage_ros_msgs' / 'msg'
     if src.is_dir():
         return src
     from ament_index_python.packages import get_package_share_directory

@@ -30,8 +30,8 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from sage_ros.bringup import isolate_dds
-from sage_ros.images import list_images, read_rgb
+from sage_ros.commands.bringup import isolate_dds
+from sage_ros.commands.images import list_images, read_rgb
 
 FLEET_SERVER = 'deit_tiny_patch16_224'
 """The server model of the scale and prefixes runs unless overridden (as in the issue's figures)."""
@@ -102,9 +102,9 @@ def flood_fairness(images_dir: Path, *, seconds: float = 20.0, flood_factor: flo
     from rclpy.serialization import deserialize_message, serialize_message
     from sage_ros_msgs.msg import CloudResult, OffloadResult
 
-    from sage_ros.bringup import Bringup, plan
-    from sage_ros.live_client import LiveClient
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import Bringup, plan
+    from sage_ros.ros.live_client import LiveClient
+    from sage_ros.commands.system_demo import free_port
 
     endpoint = f'tcp/127.0.0.1:{free_port()}'
     ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint, 'budget_mode': 'fixed',
@@ -285,8 +285,8 @@ class _VirtualFleet:
 def _fleet_cloud(images_dir: Path, overrides: dict[str, Any] | None, log: TextIO | None, budget: int,
                  deadline_ms: float) -> tuple[Any, Any, _VirtualFleet]:
     """A router and a cloud (the fleet server model), a session and a virtual fleet on it."""
-    from sage_ros.bringup import Bringup, plan
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import Bringup, plan
+    from sage_ros.commands.system_demo import free_port
 
     endpoint = f'tcp/127.0.0.1:{free_port()}'
     ov = {'weights': 'random', 'zenoh_listen': endpoint, 'zenoh_connect': endpoint,
@@ -310,7 +310,7 @@ def fleet_scale(images_dir: Path, *, robots: tuple[int, ...] = (100, 200, 500), 
     """``N`` virtual robots x ``rate`` requests/s (B=``budget``, deadline ``deadline_ms``) for
     each N in ``robots``, one cloud: per-robot shares answered in time, answers/s, cloud CPU."""
     isolate_dds()
-    from sage_ros.eval.pipeline_bench import process_cpu_s
+    from sage_ros.bench.pipeline import process_cpu_s
 
     bring, session, fleet = _fleet_cloud(images_dir, overrides, log, budget, deadline_ms)
     out: dict[int, dict[str, float]] = {}
@@ -354,7 +354,7 @@ def many_prefixes(images_dir: Path, *, prefixes: int = 10_000, bursts: int = 5, 
     isolate_dds()
     import rclpy
 
-    from sage_ros.live_client import LiveClient
+    from sage_ros.ros.live_client import LiveClient
 
     bring, session, fleet = _fleet_cloud(images_dir, overrides, log, budget, deadline_ms)
     context = rclpy.Context()
@@ -422,8 +422,8 @@ def batching(images_dir: Path, *, max_batches: tuple[int, ...] = (1, 4, 8, 16), 
     isolate_dds()
     from rclpy.serialization import serialize_message
 
-    from sage_ros.bringup import Bringup, plan
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.bringup import Bringup, plan
+    from sage_ros.commands.system_demo import free_port
 
     images = _images(images_dir, 4)
     reqs = {f'v{i}': real_requests(images, f'v{i}', budget) for i in range(robots)}

@@ -22,8 +22,8 @@ from sage_ros.core import (
     select,
     server_forward_subset,
 )
-from sage_ros.images import list_images, read_rgb
-from sage_ros.system_demo import free_port
+from sage_ros.commands.images import list_images, read_rgb
+from sage_ros.commands.system_demo import free_port
 
 BUDGETS = (32, 48, 64, 96)
 

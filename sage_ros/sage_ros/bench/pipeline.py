@@ -10,7 +10,7 @@ counters, its in-flight window and the CPU each process took. With random weight
 frame is uncertain, hence the calibration: eta is the 2/3 quantile of the gate score of the
 frames used, computed here with the edge's own model and preprocessing.
 
-``sage-ros bench --pipeline`` or ``python -m sage_ros.eval.pipeline_bench`` run it.
+``sage-ros bench --pipeline`` or ``python -m sage_ros.bench.pipeline`` run it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from sage_ros.eval.delay_relay import DelayRelay
+from sage_ros.bench.delay_relay import DelayRelay
 
 # Results by OffloadResult.source.
 SOURCES = {0: 'edge', 1: 'cloud', 2: 'fallback'}
@@ -48,7 +48,7 @@ def camera_frames(images_dir: Path, n: int, size: tuple[int, int] = FRAME_SIZE) 
     """``n`` real images spread over the folder, resized to ``size`` (w, h), RGB uint8."""
     import cv2
 
-    from sage_ros.images import list_images, read_rgb
+    from sage_ros.commands.images import list_images, read_rgb
 
     items = list_images(images_dir)
     if not items:
@@ -126,7 +126,7 @@ def _client_class() -> type:
     """LiveClient plus arrival times and the /diagnostics reports (imported late: rclpy)."""
     from diagnostic_msgs.msg import DiagnosticArray
 
-    from sage_ros.live_client import LiveClient, stamp_ns
+    from sage_ros.ros.live_client import LiveClient, stamp_ns
 
     class BenchClient(LiveClient):
         def __init__(self, **kwargs: Any) -> None:
@@ -344,9 +344,9 @@ def run_pipeline_bench(
     ``cloud_threads`` / ``edge_threads`` are the nodes' torch threads (0: torch's default);
     ``log`` receives the nodes' output (None: discarded).
     """
-    from sage_ros.bringup import Bringup, isolate_dds, plan
+    from sage_ros.commands.bringup import Bringup, isolate_dds, plan
     from sage_ros.params import load_params
-    from sage_ros.system_demo import free_port
+    from sage_ros.commands.system_demo import free_port
 
     if rounds < 1 or seconds <= 0 or fps <= 0:
         raise ValueError('rounds must be >= 1, seconds and fps > 0')
@@ -546,7 +546,7 @@ def run_from_args(args: argparse.Namespace, images: Path | None, overrides: dict
 def main(argv: list[str] | None = None) -> int:
     from sage_ros.params import parse_overrides
 
-    parser = argparse.ArgumentParser(prog='python -m sage_ros.eval.pipeline_bench', description=__doc__,
+    parser = argparse.ArgumentParser(prog='python -m sage_ros.bench.pipeline', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('images', nargs='?', type=Path, default=None,
                         help='image folder (default $SAGE_ROS_DATA/images)')

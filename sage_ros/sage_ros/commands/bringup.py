@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from sage_ros.node_plan import NODES, plan_nodes
+from sage_ros.nodes.launch_plan import NODES, plan_nodes
 from sage_ros.params import FASTDDS_PROFILE, config_dir
 
 # A process is ready when it logs this at INFO level (never a FATAL line that names the same
@@ -90,7 +90,7 @@ def plan(
     camera_topic: str = '',
     python: str = sys.executable,
 ) -> list[Proc]:
-    """The processes of one side: :func:`sage_ros.node_plan.plan_nodes`, each node run with
+    """The processes of one side: :func:`sage_ros.nodes.launch_plan.plan_nodes`, each node run with
     ``python -m`` and the ``--ros-args`` the launch file's ``Node`` actions get."""
     return [Proc(n.key, [python, '-m', n.module, *n.ros_args()])
             for n in plan_nodes(side, namespace=namespace, directory=directory or config_dir(), overrides=overrides,

@@ -2,7 +2,7 @@
 """A link-step experiment: shape the uplink in steps while frames flow, record what the
 bandwidth monitor does, and plot it.
 
-``python -m sage_ros.eval.link_step`` runs on the robot side (beside the edge node): for each
+``python -m sage_ros.bench.link_step`` runs on the robot side (beside the edge node): for each
 phase it sets the egress rate of ``--device`` with ``tc tbf`` (root, a network namespace the
 caller made) and publishes frames, one at a time or as a camera at ``--fps``, recording per
 frame the budget, bytes, latency and source, and every BudgetStatus. The records go to a
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from sage_ros.images import list_images, read_rgb
+from sage_ros.commands.images import list_images, read_rgb
 
 
 def parse_phases(text: str) -> list[tuple[str, int, bool]]:
@@ -66,7 +66,7 @@ def run(images_dir: Path, phases: list[tuple[str, int, bool]], device: str, out:
     import rclpy
     from sage_ros_msgs.msg import BudgetStatus
 
-    from sage_ros.live_client import LiveClient
+    from sage_ros.ros.live_client import LiveClient
 
     context = rclpy.Context()
     rclpy.init(context=context)
