@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 import yaml
 
 if TYPE_CHECKING:
+    from sage_ros.core.answers import OffloadSettings
     from sage_ros.core.link import UplinkMonitor
     from sage_ros.core.offload import SelectionConfig
     from sage_ros.core.pipeline import GateConfig
@@ -267,6 +268,15 @@ def check_overrides_known(overrides: dict[str, Any], nodes: Iterable[str], *, di
     for name in overrides:
         if '.' not in name and name not in known:
             raise KeyError(f'no node has a parameter {name!r}')
+
+
+def offload_settings(edge: dict[str, Any]) -> OffloadSettings:
+    """The core's OffloadSettings (offloads and second rounds) from sage_edge parameters."""
+    from sage_ros.core.answers import OffloadSettings
+
+    return OffloadSettings(deadline_s=edge['deadline_ms'] / 1e3, second_round=edge['second_round'],
+                           budget_max=int(edge['budget_max']), selection=selection_config(edge),
+                           byte_budget=int(edge['byte_budget']))
 
 
 def selection_config(edge: dict[str, Any]) -> SelectionConfig:

@@ -24,10 +24,11 @@ def edge(ros_edge_node):
 
 def _in_flight(edge, rid: str) -> None:
     """A request of ``rid`` out for a frame that waits for it, as the edge books one."""
-    from sage_ros.nodes.edge_node import _Frame, _Offload
+    from sage_ros.core.answers import Offloaded
+    from sage_ros.nodes.edge_node import _Frame
 
-    frame = _Frame(None, Header(), time.monotonic())
-    job = _Offload(OffloadResult(request_id=rid, label=7, edge_label=7), frame)
+    frame = _Frame(None, Header(), time.monotonic(), result=OffloadResult(request_id=rid, label=7, edge_label=7))
+    job = Offloaded(rid, frame.received, None, np.arange(32), owner=frame)
     edge._monitor.sent(rid, request_bytes=20_000, patches=32, payload_bytes=19_000, deadline=frame.received + 60,
                        context=job)
 

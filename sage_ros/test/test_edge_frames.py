@@ -58,9 +58,11 @@ def test_a_12mp_jpeg_is_decoded_reduced_and_described_as_sent(edge, real_images)
     assert edge._decode_side == 2 * 248  # DeiT-Tiny: 224 / 0.9
     # The request built for this frame describes the crop in the frame as sent, exactly as
     # after a full decode.
+    from builtin_interfaces.msg import Time
     from sage_ros_msgs.msg import OffloadResult
 
     from sage_ros.core.offload import Budget
+    from sage_ros.nodes import edge_messages
     from sage_ros.params import gate_config, selection_config
     from sage_ros.ros.ros_image import compressed_to_rgb, decode_compressed
 
@@ -70,6 +72,7 @@ def test_a_12mp_jpeg_is_decoded_reduced_and_described_as_sent(edge, real_images)
     assert reduced.shape == (760, 1014, 3)
     decision = edge._pipeline.analyze(reduced, gate_config(p))
     plan = edge._pipeline.plan(decision, Budget(16), selection_config(p))
-    msg = edge._patch_set(OffloadResult(), frame, decision, plan, p)
+    msg = edge_messages.patch_set(OffloadResult(), decision, plan, edge._pipeline.card, p, header=frame.header,
+                                  robot_id='', source_size=frame.source_size, sent_stamp=Time(), deadline_left_s=1.0)
     geometry = ('source_width', 'source_height', 'resized_width', 'resized_height', 'crop_x', 'crop_y', 'input_size')
     assert {k: getattr(msg, k) for k in geometry} == {k: getattr(full_map, k) for k in geometry}

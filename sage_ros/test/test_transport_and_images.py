@@ -61,3 +61,26 @@ def test_compressed_images(real_images):
         compressed_to_rgb(CompressedImage(format='jpeg', data=b'\xff\xd8garbage'))
     with pytest.raises(PreprocessError):
         compressed_to_rgb(CompressedImage(format='jpeg', data=b''))
+
+
+def test_publisher_gaps_count_what_each_publisher_sent_that_never_arrived():
+    from sage_ros.ros.publisher_gaps import PublisherGaps
+
+    gaps = PublisherGaps()
+
+    def info(gid: int, seq: int) -> dict:
+        return {'publisher_gid': {'data': bytes([gid] * 16)}, 'publication_sequence_number': seq}
+
+    assert [gaps.missed(info(1, s)) for s in (1, 2, 5, 6)] == [0, 0, 2, 0]
+    assert gaps.missed(info(2, 40)) == 0 and gaps.missed(info(2, 42)) == 1  # publishers apart
+    assert gaps.missed(info(1, 6)) == 0  # a repeat is no gap
+    assert gaps.missed({}) == 0 and gaps.missed(None) == 0  # an rmw that numbers nothing
+
+
+def test_draw_boxes_outlines_on_a_copy():
+    from sage_ros.ros.ros_image import draw_boxes
+
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    out = draw_boxes(rgb, [(16, 0, 32, 16)])
+    assert not rgb.any() and tuple(out[0, 16]) == (255, 255, 0) and tuple(out[15, 31]) == (255, 255, 0)
+    assert not out[8, 24].any() and not out[20, 8].any()  # inside and outside the box untouched

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import cv2
 import numpy as np
@@ -177,3 +177,12 @@ def rgb_to_image_fields(rgb: np.ndarray, encoding: str = 'rgb8') -> dict[str, An
     h, w = arr.shape[:2]
     return {'height': h, 'width': w, 'encoding': encoding, 'is_bigendian': 0,
             'step': arr.strides[0], 'data': arr.tobytes()}
+
+
+def draw_boxes(rgb: np.ndarray, boxes: Iterable[tuple[float, float, float, float]]) -> np.ndarray:
+    """A copy of ``rgb`` with each (x0, y0, x1, y1) box outlined in yellow, one pixel wide."""
+    canvas = np.array(rgb, order='C')  # a copy: cv2 draws in place
+    for box in boxes:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), (255, 255, 0), 1)
+    return canvas

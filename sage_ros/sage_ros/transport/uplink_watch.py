@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sage_ros.transport.zenoh_link import Identity
 
 UNANSWERED, NO_CLOUD, NO_ROUTER = 'unanswered', 'no cloud', 'no router'
-# The edge's uplink states (edge_node._Uplink.state) in which no router is reached.
+# The edge's uplink states (transport.uplink.Uplink.state) in which no router is reached.
 _ROUTERLESS = ('connecting', 'no router', 'router lost')
 
 
