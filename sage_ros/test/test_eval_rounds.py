@@ -178,9 +178,11 @@ def test_cli_parses_the_second_round_options(swept, bag, monkeypatch, capsys):
 
 
 def test_the_readme_two_round_command_runs(bag, tmp_path):
-    """The README's `eval --second-round` line, as written, on this bag (first 3 frames; the
-    server model as in this module's other sweeps)."""
-    readme = (Path(__file__).resolve().parents[2] / 'README.md').read_text()
+    """The README's `eval --second-round` line (README.md or docs/*.md: the evaluation protocol is
+    docs/evaluation.md), as written, on this bag (first 3 frames; the server model as in this
+    module's other sweeps)."""
+    repo = Path(__file__).resolve().parents[2]
+    readme = '\n'.join(p.read_text() for p in [repo / 'README.md', *sorted((repo / 'docs').glob('*.md'))])
     line = re.search(r'\./dev sage-ros eval (\S+) (.*?) \\\n\s+(--second-round .*?)\s+#', readme)
     assert line, 'no eval --second-round command in the README'
     argv = f'{line.group(2)} {line.group(3)}'.split()

@@ -113,19 +113,26 @@ def test_sage_ros_up_starts_what_the_launch_file_starts():
 
 
 # --- the README's robot section --------------------------------------------------------------
+ROBOT_DOC = REPO / 'docs' / 'robot.md'  # the robot section in full; the README keeps a short one
+
+
 def readme_robot_section() -> str:
+    """The README's short robot section, then docs/robot.md, the whole section it links to."""
     text = (REPO / 'README.md').read_text()
     section = text[text.index('## On a robot with a ROS 2 distribution'):]
-    return section[:section.index('\n## ', 5)]
+    short = section[:section.index('\n## ', 5)]
+    assert 'Not run here' not in short  # the list of what is not run here is docs/robot.md's
+    return short + '\n' + ROBOT_DOC.read_text()
 
 
 def readme_robot_commands() -> list[str]:
-    """Every command line in the README's robot section (continuations joined, comments cut)."""
+    """Every command line in the README's robot section and docs/robot.md (continuations joined,
+    comments cut; a line in both counts once)."""
     commands = []
     for block in re.findall(r'```bash\n(.*?)```', readme_robot_section(), re.S):
         for line in block.replace('\\\n', ' ').splitlines():
             line = ' '.join(line.split('#')[0].split()) if not line.lstrip().startswith('#') else ''
-            if line:
+            if line and line not in commands:
                 commands.append(line)
     return commands
 
