@@ -116,23 +116,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_edge(args: argparse.Namespace) -> int:
-    from sage_ros.core.onnx_edge import FP32_TOLERANCE
-    from sage_ros.core.onnx_export import export_edge
+    from sage_ros.commands.export import export_edge_model
 
     edge = load_params('sage_edge', directory=args.config)
-    model = args.model or edge['model']
-    weights = args.weights or edge['weights']
-    result = export_edge(model, weights, args.output, int8=args.int8)
-    card = result.card
-    print(f'wrote {result.path} ({result.path.stat().st_size / 1e6:.1f} MB): {card.name}, weights {card.weights}')
-    print(f'  input {card.input_size} px, crop_pct {card.crop_pct}, {card.interpolation}, mean {card.mean}, '
-          f'std {card.std}; patch {card.patch_size}, grid {card.grid[0]}x{card.grid[1]}, {card.num_classes} classes')
-    print('  ONNX Runtime vs torch, max |difference|: ' + ', '.join(
-        f'{k} {v:.1e} (tolerance {FP32_TOLERANCE[k]:.0e})' for k, v in result.max_abs_diff.items()))
-    if result.int8_path is not None:
-        print(f'wrote {result.int8_path} ({result.int8_path.stat().st_size / 1e6:.1f} MB): int8 weights '
-              '(dynamic quantisation; changes the outputs: `sage-ros bench --edge-runtimes` measures how much)')
-    print(f'on the robot: -p sage_edge.weights:={result.path.resolve()}')
+    export_edge_model(args.model or edge['model'], args.weights or edge['weights'], args.output, int8=args.int8)
     return 0
 
 
