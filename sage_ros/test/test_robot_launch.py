@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from doc_commands import bash_commands
 from sage_ros.commands.bringup import Bringup, Proc, plan
 from sage_ros.nodes.launch_plan import CAMERA, LAUNCH_ARGS, LaunchArgumentError, launch_nodes
 from sage_ros.commands.system_demo import free_port
@@ -128,13 +129,7 @@ def readme_robot_section() -> str:
 def readme_robot_commands() -> list[str]:
     """Every command line in the README's robot section and docs/robot.md (continuations joined,
     comments cut; a line in both counts once)."""
-    commands = []
-    for block in re.findall(r'```bash\n(.*?)```', readme_robot_section(), re.S):
-        for line in block.replace('\\\n', ' ').splitlines():
-            line = ' '.join(line.split('#')[0].split()) if not line.lstrip().startswith('#') else ''
-            if line and line not in commands:
-                commands.append(line)
-    return commands
+    return bash_commands(readme_robot_section())
 
 
 def launch_args_of(command: str, **substitutions: str) -> dict[str, str]:
